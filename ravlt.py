@@ -1,0 +1,546 @@
+"""
+RAVLT, the Rank-Augmented Vision Linear Transformer, in one file.
+
+Paper:   "Breaking the Low-Rank Dilemma of Linear Attention", Qihang Fan, Huaibo Huang, Ran He,
+         CVPR 2025, arXiv:2411.07635. Official release: github.com/qhfan/RALA.
+
+Linear attention replaces softmax(Q Kᵀ) V by φ(Q) (φ(K)ᵀ V): the d×d "KV buffer" φ(K)ᵀV is built
+once, so cost grows linearly with the number of tokens N instead of quadratically. The price is
+rank: the implied N×N attention matrix φ(Q) φ(K)ᵀ has rank ≤ d, and so do the output features.
+RALA (Rank-Augmented Linear Attention) restores rank in two places:
+  1. the KV buffer: keys are re-weighted by α, a softmax over tokens driven by the mean query,
+     so each image builds a differently weighted buffer ("query-aware key weights");
+  2. the output features: the attention output is multiplied element-wise by a gate o computed
+     from the input, which is no longer confined to a rank-d subspace.
+RAVLT is a four-stage convolutional-transformer hybrid built on RALA (RALA in stages 1-2, where N
+is large; softmax attention in stages 3-4, where N is small), in four sizes T/S/B/L.
+
+Shape legend: B batch, C channels, H×W feature map, N = H·W tokens (row-major), h heads,
+d = C/h head dim. Maps stay (B, C, H, W) between modules; inside attention each head's tensors
+are (B, h, d, N), which is the 1×1 conv's own memory layout, so no permute is ever needed.
+
+State-dict keys are identical to the release's, so its checkpoints load as they are
+(`load_checkpoint`). `python ravlt.py` prints the variant table (params, GMACs, attention kinds).
+"""
+import argparse
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config: one value per stage in every tuple
+
+
+@dataclass(frozen=True)
+class RAVLTConfig:
+    dims: tuple = (64, 128, 256, 512)  # channels C per stage
+    depths: tuple = (2, 2, 6, 2)  # blocks per stage
+    heads: tuple = (1, 2, 4, 8)  # attention heads h per stage (d = C / h)
+    layer_scale_init: tuple = (1.0, 1.0, 1.0, 1.0)  # initial γ per stage
+    attn: tuple = ("rala", "rala", "softmax", "softmax")  # attention kind per stage
+    mlp_ratio: float = 3.5  # FFN hidden width = int(mlp_ratio * C)
+    head_hidden: int = 1024  # width of the conv1×1 before pooling in the head
+    drop_path_rate: float = 0.1  # stochastic depth, grows linearly from 0 over all blocks
+    num_classes: int = 1000
+    in_chans: int = 3
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+ATTENTION_KINDS = ("rala", "softmax")
+
+# -----------------------------------------------------------------------------
+# Small helpers
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a (B, C, H, W) map (the release nests it as `.norm`)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x):
+        # channels-last view -> LayerNorm's fused kernel -> back; the result stays channels-last
+        # in memory, which the following 1×1 conv reads as efficiently as contiguous NCHW.
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample, rescale the survivors."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1.0 - self.p)  # (B, 1, 1, 1)
+        return x * keep / (1.0 - self.p)
+
+
+class RoPE2d(nn.Module):
+    """2D rotary position embedding: rows rotate the first d/2 channels, columns the last d/2.
+
+    `angle` holds d/4 frequencies θ_m = 10000^(-m/(d/4-1)), each repeated twice: [θ0, θ0, θ1, ...].
+    forward(H, W) returns cos and a signed sin, both (d, N), such that rope(x) = x·cos + swap(x)·sin
+    rotates every channel pair (2i, 2i+1) by its angle.
+    """
+
+    def __init__(self, head_dim):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
+        theta = 10000.0 ** -torch.linspace(0, 1, head_dim // 4)  # (d/4,)
+        self.register_buffer("angle", theta.repeat_interleave(2))  # (d/2,), saved as in the release
+
+    def forward(self, H, W):
+        rows = torch.arange(H, device=self.angle.device, dtype=self.angle.dtype)
+        cols = torch.arange(W, device=self.angle.device, dtype=self.angle.dtype)
+        ang_r = (rows[:, None] * self.angle).T[:, :, None].expand(-1, H, W)  # (d/2, H, W)
+        ang_c = (cols[:, None] * self.angle).T[:, None, :].expand(-1, H, W)  # (d/2, H, W)
+        angle = torch.cat([ang_r, ang_c]).flatten(1)  # (d, N): token n = r·W + c
+        sign = torch.tensor([-1.0, 1.0], device=angle.device).repeat(angle.shape[0] // 2)  # (d,)
+        return angle.cos(), angle.sin() * sign[:, None]  # (d, N), (d, N)
+
+
+def rope(x, cos, sin):
+    """Rotate channel pairs (2i, 2i+1) of x (..., d, N): out[2i] = x[2i]cos - x[2i+1]sin, etc."""
+    swapped = x.unflatten(-2, (-1, 2)).flip(-2).flatten(-3, -2)  # (..., d, N): x1, x0, x3, x2, ...
+    return x * cos + swapped * sin
+
+
+def phi(x):
+    """The linear-attention feature map φ(x) = ELU(x) + 1 (positive, so the normaliser is > 0)."""
+    return F.elu(x) + 1.0
+
+
+# -----------------------------------------------------------------------------
+# Attention: RALA (linear and explicit N×N forms) and softmax attention
+
+
+def rala(q, k, v, cos, sin, eps=1e-6):
+    """Rank-Augmented Linear Attention in O(N·d²) per head.
+
+    | paper    | variable        | shape          | meaning                                    |
+    |----------|-----------------|----------------|--------------------------------------------|
+    | Q, K, V  | q, k, v         | (B, h, d, N)   | per-head queries, keys, values             |
+    | φ(Q)     | phi_q           | (B, h, d, N)   | ELU + 1 of the queries                     |
+    | q̄        | q_bar           | (B, h, d, 1)   | mean query of the image                    |
+    | α        | alpha           | (B, h, 1, N)   | query-aware key weights, sum to 1 over N   |
+    | K̃        | k_tilde         | (B, h, d, N)   | re-weighted keys φ(k_j)·α_j·N              |
+    | z        | z               | (B, h, 1, N)   | normaliser 1 / (φ(q_i)·mean_j K̃_j)         |
+    | S        | kv              | (B, h, d, d)   | the KV buffer Σ_j RoPE(K̃_j)ᵀ v_j / N       |
+    | Y        | y               | (B, h, d, N)   | output, before the gate o and LePE         |
+    """
+    N = q.shape[-1]
+    scale = q.shape[-2] ** -0.5
+    dtype = v.dtype
+    # Sums over N tokens and the 1/(…) normaliser lose too much precision in bf16/fp16,
+    # so the whole core runs in float32 even under autocast (it is a small share of the FLOPs).
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v, cos, sin = q.float(), k.float(), v.float(), cos.float(), sin.float()
+        phi_q, phi_k = phi(q), phi(k)  # (B, h, d, N)
+        # 1. KV-buffer rank augmentation: weight each key by how well it matches the mean query
+        q_bar = phi_q.mean(-1, keepdim=True)  # (B, h, d, 1)
+        alpha = torch.softmax(scale * q_bar.transpose(-2, -1) @ phi_k, dim=-1)  # (B, h, 1, N)
+        k_tilde = phi_k * (alpha * N)  # (B, h, d, N); ×N keeps the mean weight at 1
+        # 2. Normaliser from the un-rotated φ(q) (RoPE could make the dot product negative)
+        z = 1.0 / (k_tilde.mean(-1, keepdim=True).transpose(-2, -1) @ phi_q + eps)  # (B, h, 1, N)
+        # 3. Relative position enters through RoPE on both sides of the product
+        q_rot, k_rot = rope(phi_q, cos, sin), rope(k_tilde, cos, sin)  # (B, h, d, N)
+        # 4. The KV buffer: one d×d matrix per head. This contraction is the linear complexity.
+        kv = (k_rot @ v.transpose(-2, -1)) / N  # (B, h, d, N) @ (B, h, N, d) -> (B, h, d, d)
+        # 5. Read the buffer with every query and normalise
+        y = (kv.transpose(-2, -1) @ q_rot) * z  # (B, h, d, d) @ (B, h, d, N) -> (B, h, d, N)
+    return y.to(dtype)
+
+
+def rala_matrix(q, k, cos, sin, eps=1e-6):
+    """The same RALA equations written as an explicit N×N attention matrix A, with Y = V Aᵀ.
+
+    A_ij = z_i · RoPE(φ(q_i)) · RoPE(K̃_j) / N. O(N²·d): for teaching, rank analysis and tests.
+    Rows need not sum to 1: z uses the un-rotated queries, A the rotated ones.
+    """
+    N, scale = q.shape[-1], q.shape[-2] ** -0.5
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, cos, sin = q.float(), k.float(), cos.float(), sin.float()
+        phi_q, phi_k = phi(q), phi(k)  # (B, h, d, N)
+        alpha = torch.softmax(scale * phi_q.mean(-1, keepdim=True).transpose(-2, -1) @ phi_k, -1)
+        k_tilde = phi_k * (alpha * N)  # (B, h, d, N)
+        z = 1.0 / (k_tilde.mean(-1, keepdim=True).transpose(-2, -1) @ phi_q + eps)  # (B, h, 1, N)
+        q_rot, k_rot = rope(phi_q, cos, sin), rope(k_tilde, cos, sin)  # (B, h, d, N)
+        scores = q_rot.transpose(-2, -1) @ k_rot / N  # (B, h, N, d) @ (B, h, d, N) -> (B, h, N, N)
+        return scores * z.transpose(-2, -1)  # (B, h, N, N), row i scaled by z_i
+
+
+def softmax_attention(q, k, v, cos, sin):
+    """Softmax attention with RoPE on q and k (stages 3-4): Y = softmax(d^-½ q kᵀ) v."""
+    q, k = rope(q, cos, sin), rope(k, cos, sin)  # (B, h, d, N)
+    # SDPA never materialises the N×N matrix (flash / memory-efficient kernels)
+    y = F.scaled_dot_product_attention(q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1))
+    return y.transpose(-2, -1)  # (B, h, N, d) -> (B, h, d, N)
+
+
+def softmax_matrix(q, k, cos, sin):
+    """The explicit softmax attention matrix (B, h, N, N), for comparison with `rala_matrix`."""
+    q, k = rope(q, cos, sin), rope(k, cos, sin)  # (B, h, d, N)
+    return torch.softmax(q.transpose(-2, -1) @ k * q.shape[-2] ** -0.5, dim=-1)  # (B, h, N, N)
+
+
+_CORES = {"rala": rala, "softmax": softmax_attention}
+_compiled_cores = {}
+
+
+def _compiled(kind):
+    # Compiled once per kind and shared by all layers; inductor fuses RALA's element-wise chain
+    # (ELU, α weighting, RoPE, normaliser) into a few kernels around the two matmuls.
+    if kind not in _compiled_cores:
+        _compiled_cores[kind] = torch.compile(_CORES[kind], dynamic=None)
+    return _compiled_cores[kind]
+
+
+class Attention(nn.Module):
+    """The frame both attention kinds share: proj(o ⊙ (Y + LePE(v))), with q, k, v, o from one conv."""
+
+    def __init__(self, dim, num_heads, kind="rala", compile_attn=None):
+        super().__init__()
+        if kind not in ATTENTION_KINDS:
+            raise ValueError(f"attention kind must be one of {ATTENTION_KINDS}, got {kind!r}")
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.kind, self.num_heads, self.compile_attn = kind, num_heads, compile_attn
+        self.qkvo = nn.Conv2d(dim, 4 * dim, 1)  # channel groups q | k | v | o, heads major inside
+        self.lepe = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)  # local positional term on v
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def _qkvo(self, x):
+        B, C, H, W = x.shape
+        q, k, v, o = self.qkvo(x).chunk(4, dim=1)  # 4 × (B, C, H, W)
+        heads = (B, self.num_heads, C // self.num_heads, H * W)
+        return q.reshape(heads), k.reshape(heads), v.reshape(heads), v, o  # (B, h, d, N) ×3
+
+    def forward(self, x, cos, sin):
+        q, k, v, v_map, o = self._qkvo(x)
+        use_compiled = x.is_cuda if self.compile_attn is None else self.compile_attn
+        core = _compiled(self.kind) if use_compiled else _CORES[self.kind]
+        y = core(q, k, v, cos, sin).reshape(x.shape)  # (B, h, d, N) -> (B, C, H, W)
+        # Output-feature rank augmentation: the element-wise gate o lifts Y out of its rank-d space
+        return self.proj(o * (y + self.lepe(v_map)))
+
+    @torch.no_grad()
+    def attention_matrix(self, x, cos, sin):
+        """The N×N matrix this layer applies to v, (B, h, N, N): for inspection and teaching."""
+        q, k, *_ = self._qkvo(x)
+        return rala_matrix(q, k, cos, sin) if self.kind == "rala" else softmax_matrix(q, k, cos, sin)
+
+
+# -----------------------------------------------------------------------------
+# Blocks and stages
+
+
+class FFN(nn.Module):
+    """conv1×1 -> GELU -> (+ depthwise conv3×3) -> conv1×1."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x):
+        x = F.gelu(self.fc1(x))  # (B, F, H, W)
+        return self.fc2(x + self.dwconv(x))  # (B, C, H, W)
+
+
+class Block(nn.Module):
+    """x += CPE(x); x += γ1·Attention(LN(x)); x += γ2·FFN(LN(x)), each branch with DropPath."""
+
+    def __init__(self, dim, num_heads, kind, mlp_ratio, drop_path, layer_scale, compile_attn):
+        super().__init__()
+        self.pos = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)  # conditional position encoding
+        self.norm1 = LayerNorm2d(dim)
+        self.attn = Attention(dim, num_heads, kind, compile_attn)
+        self.norm2 = LayerNorm2d(dim)
+        self.ffn = FFN(dim, int(mlp_ratio * dim))
+        self.gamma_1 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_scale)))
+        self.gamma_2 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_scale)))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, cos, sin):
+        x = x + self.pos(x)
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), cos, sin))
+        return x + self.drop_path(self.gamma_2 * self.ffn(self.norm2(x)))
+
+
+class Downsample(nn.Module):
+    """conv3×3 stride 2 + BatchNorm between stages: H, W -> ceil(H/2), ceil(W/2)."""
+
+    def __init__(self, dim, out_dim):
+        super().__init__()
+        self.reduction = nn.Conv2d(dim, out_dim, 3, stride=2, padding=1)
+        self.norm = nn.BatchNorm2d(out_dim)
+
+    def forward(self, x):
+        return self.norm(self.reduction(x))
+
+
+class Stage(nn.Module):
+    """Blocks at one resolution; the RoPE tables are computed once per forward and shared."""
+
+    def __init__(self, dim, out_dim, depth, num_heads, kind, mlp_ratio, drop_paths, layer_scale,
+                 compile_attn):
+        super().__init__()
+        self.RoPE = RoPE2d(dim // num_heads)  # attribute name kept for the release's state-dict keys
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, kind, mlp_ratio, p, layer_scale, compile_attn) for p in drop_paths
+        )
+        self.downsample = Downsample(dim, out_dim) if out_dim else None
+
+    def forward(self, x):
+        cos, sin = self.RoPE(*x.shape[-2:])  # (d, N) each
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return x
+
+
+def stem(in_chans, dim):
+    """Four conv3×3 + BN (GELU between): stride 4, in_chans -> dim. Indices match the release."""
+    half = dim // 2
+    return nn.Sequential(
+        nn.Conv2d(in_chans, half, 3, 2, 1), nn.BatchNorm2d(half), nn.GELU(),
+        nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
+        nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
+        nn.Conv2d(half, dim, 3, 2, 1), nn.BatchNorm2d(dim),
+    )
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class RAVLT(nn.Module):
+    def __init__(self, cfg: RAVLTConfig, features_only=False, compile_attn=None, norm_eval=False):
+        super().__init__()
+        self.cfg, self.features_only, self.norm_eval = cfg, features_only, norm_eval
+        self.num_classes, self.in_chans = cfg.num_classes, cfg.in_chans
+        self.feature_channels = tuple(cfg.dims)
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = stem(cfg.in_chans, cfg.dims[0])
+        rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(cfg.depths):
+            first = sum(cfg.depths[:i])
+            self.layers.append(Stage(
+                cfg.dims[i], cfg.dims[i + 1] if i + 1 < len(cfg.dims) else None, depth, cfg.heads[i],
+                cfg.attn[i], cfg.mlp_ratio, rates[first:first + depth], cfg.layer_scale_init[i],
+                compile_attn))
+        self.num_features, self.head_hidden_size = cfg.dims[-1], cfg.head_hidden
+        if not features_only:  # classification head: conv1×1 + BN + SiLU, pool, conv1×1
+            self.proj = nn.Conv2d(cfg.dims[-1], cfg.head_hidden, 1)
+            self.norm = nn.BatchNorm2d(cfg.head_hidden)
+            self.act = nn.SiLU()
+            self.reset_classifier(cfg.num_classes)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Conv2d):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def train(self, mode=True):
+        # norm_eval: BatchNorm keeps its ImageNet statistics while a detector trains on 2 images
+        # per GPU (as the release's detection backbone does); its affine weights still learn.
+        super().train(mode)
+        if self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def reset_classifier(self, num_classes):
+        self.num_classes = num_classes
+        self.head = nn.Conv2d(self.head_hidden_size, num_classes, 1) if num_classes else nn.Identity()
+        self._init_weights(self.head)
+
+    def _check_input(self, x):
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"RAVLT expects input of shape (B, {self.in_chans}, H, W) with H, W >= 32,"
+                             f" got {tuple(x.shape)}")
+
+    def forward_stages(self, x):
+        """The four stage outputs (strides 4, 8, 16, 32, rounded up), taken before downsampling."""
+        self._check_input(x)
+        x = self.patch_embed.proj(x)  # (B, C1, H/4, W/4)
+        features = []
+        for stage in self.layers:
+            x = stage(x)
+            features.append(x)
+            if stage.downsample is not None:
+                x = stage.downsample(x)  # (B, C_{i+1}, H_i/2, W_i/2)
+        return features
+
+    def forward_features(self, x):
+        return self.forward_stages(x)[-1]  # (B, C4, H/32, W/32)
+
+    def forward_head(self, x, pre_logits=False):
+        x = self.act(self.norm(self.proj(x)))  # (B, 1024, H/32, W/32)
+        x = x.mean((2, 3), keepdim=True)  # (B, 1024, 1, 1)
+        return x.flatten(1) if pre_logits else self.head(x).flatten(1)  # (B, 1024) or (B, classes)
+
+    def forward(self, x):
+        if self.features_only:
+            return self.forward_stages(x)  # [(B, C_i, H/2^(i+2), W/2^(i+2)) for i in 0..3]
+        return self.forward_head(self.forward_features(x))
+
+    def attention_matrices(self, x, stage=0, block=0):
+        """The (B, h, N, N) attention matrix that block `block` of stage `stage` applies to x."""
+        self._check_input(x)
+        x = self.patch_embed.proj(x)
+        for i, layer in enumerate(self.layers):
+            cos, sin = layer.RoPE(*x.shape[-2:])
+            for j, blk in enumerate(layer.blocks):
+                x = x + blk.pos(x)
+                if (i, j) == (stage, block):
+                    return blk.attn.attention_matrix(blk.norm1(x), cos, sin)
+                x = x + blk.gamma_1 * blk.attn(blk.norm1(x), cos, sin)
+                x = x + blk.gamma_2 * blk.ffn(blk.norm2(x))
+            x = layer.downsample(x)
+        raise ValueError(f"no block {block} in stage {stage}")
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def _read_state_dict(path, use_ema):
+    """The model weights from a release .pth, a training checkpoint of ours, or a plain state dict."""
+    try:
+        # A checkpoint is data, not code: only tensors, containers and argparse.Namespace may load.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
+    key = "model_ema" if use_ema else "model"
+    if use_ema and key not in ckpt:
+        raise ValueError(f"checkpoint {path} has no 'model_ema' entry")
+    sd = ckpt.get(key, ckpt)
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"checkpoint {path} holds no state dict (keys: {list(ckpt)[:5]})")
+    return sd
+
+
+def load_checkpoint(model, path, use_ema=False):
+    """Load weights into `model` strictly; returns the model.
+
+    Accepts the release's RAVLT_{T,S,B,L}.pth (dict with `model`, `model_ema`, `optimizer`, ...,
+    `args`), this project's training checkpoints, and plain state dicts. A features-only model
+    ignores the classification head; a model with another number of classes keeps its own head.
+    """
+    sd = _read_state_dict(path, use_ema)
+    own = model.state_dict()
+    if model.features_only:
+        sd = {k: v for k, v in sd.items() if not k.startswith(("proj.", "norm.", "head."))}
+    elif "head.weight" in sd and sd["head.weight"].shape != own["head.weight"].shape:
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        sd.update({k: v for k, v in own.items() if k.startswith("head.")})  # fine-tuning: new head
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        name = model.pretrained_cfg.get("architecture", "this model")
+        parts = [f"{label} ({len(items)}): {', '.join(items[:3])}" for label, items in
+                 (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected)) if items]
+        raise ValueError(f"checkpoint {path} does not fit {name}; " + "; ".join(parts))
+    model.load_state_dict(sd)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Variants
+
+
+VARIANTS = {
+    "ravlt_t": RAVLTConfig(),
+    "ravlt_s": RAVLTConfig(dims=(64, 128, 320, 512), depths=(3, 5, 9, 3), heads=(1, 2, 5, 8),
+                           drop_path_rate=0.15),
+    "ravlt_b": RAVLTConfig(dims=(96, 192, 384, 512), depths=(4, 6, 12, 6), heads=(1, 2, 6, 8),
+                           layer_scale_init=(1.0, 1.0, 1e-6, 1e-6), drop_path_rate=0.4),
+    "ravlt_l": RAVLTConfig(dims=(96, 192, 448, 640), depths=(4, 7, 19, 8), heads=(1, 2, 7, 10),
+                           layer_scale_init=(1e-6,) * 4, drop_path_rate=0.55),
+    # not a released model: a few-thousand-parameter RAVLT with every code path, for fast tests
+    "ravlt_nano": RAVLTConfig(dims=(16, 32, 64, 64), depths=(1, 1, 2, 1), heads=(1, 2, 4, 4),
+                              head_hidden=64, drop_path_rate=0.0),
+}
+
+
+def create_model(name, pretrained=None, features_only=False, compile_attn=None, norm_eval=False,
+                 **overrides):
+    """Build a RAVLT variant: create_model("ravlt_t", num_classes=10, attn=("rala",) * 4).
+
+    overrides: any RAVLTConfig field (num_classes, in_chans, drop_path_rate, attn, ...).
+    compile_attn: None compiles the attention on CUDA only, True always (CPU via inductor), False never.
+    pretrained: path of a checkpoint to load (see `load_checkpoint`).
+    features_only: forward returns the four stage maps (a backbone); norm_eval: BatchNorm frozen.
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}")
+    valid = {f.name for f in fields(RAVLTConfig)}
+    if bad := sorted(set(overrides) - valid):
+        raise ValueError(f"unknown option(s) {bad} for {name}; valid: {', '.join(sorted(valid))}")
+    cfg = replace(VARIANTS[name], **overrides)
+    attn = tuple(cfg.attn)
+    if len(attn) != len(cfg.dims) or any(a not in ATTENTION_KINDS for a in attn):
+        raise ValueError(f"attn must be {len(cfg.dims)} values from {ATTENTION_KINDS}, got {attn}")
+    model = RAVLT(replace(cfg, attn=attn), features_only, compile_attn, norm_eval)
+    model.pretrained_cfg = dict(
+        architecture=name, num_classes=cfg.num_classes, input_size=(cfg.in_chans, 224, 224),
+        pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_MEAN,
+        std=IMAGENET_STD, first_conv="patch_embed.proj.0", classifier="head")
+    if pretrained:
+        load_checkpoint(model, pretrained)
+    return model
+
+
+def count_macs(model, size=224, batch=1):
+    """Multiply-accumulates of one forward (convolutions + matmuls + attention), via flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(batch, model.in_chans, size, size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(x)
+    return counter.get_total_flops() // 2
+
+
+def variant_table(size=224):
+    """Rows (name, params, GMACs at size×size, attention kind per stage) for every variant."""
+    rows = []
+    for name in VARIANTS:
+        model = create_model(name, compile_attn=False)
+        params = sum(p.numel() for p in model.parameters())
+        rows.append((name, params, count_macs(model, size) / 1e9, "/".join(model.cfg.attn)))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Print the RAVLT variant table.")
+    parser.add_argument("--input-size", type=int, default=224, help="image side in pixels (default 224)")
+    args = parser.parse_args(argv)
+    print(f"{'model':<11} {'params':>12} {'GMACs@' + str(args.input_size):>10}  attention (stages 1-4)")
+    for name, params, gmacs, kinds in variant_table(args.input_size):
+        print(f"{name:<11} {params:>12,} {gmacs:>10.3f}  {kinds}")
+
+
+if __name__ == "__main__":
+    main()
