@@ -330,7 +330,8 @@ class RAVLT(nn.Module):
         self.feature_channels = tuple(cfg.dims)
         self.patch_embed = nn.Module()
         self.patch_embed.proj = stem(cfg.in_chans, cfg.dims[0])
-        rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        n = sum(cfg.depths)
+        rates = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear from 0
         self.layers = nn.ModuleList()
         for i, depth in enumerate(cfg.depths):
             first = sum(cfg.depths[:i])

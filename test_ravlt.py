@@ -1,0 +1,419 @@
+# ---- ravlt.py: the model ----
+# Fast CPU tests of RALA and RAVLT. Oracles are written here from the spec's equations, independently
+# of ravlt.py's (B, h, d, N) layout: tokens-major (B, h, N, d) tensors and explicit rotation matrices.
+import argparse
+import ast
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ravlt
+
+ROOT = Path(__file__).resolve().parent
+torch.manual_seed(0)
+
+# Parameter counts and GMACs (224×224) of the released code, from the spec.
+RELEASE_PARAMS = {"ravlt_t": 14_897_768, "ravlt_s": 25_591_208, "ravlt_b": 48_241_288,
+                  "ravlt_l": 95_242_440}
+RELEASE_GMACS = {"ravlt_t": 2.613, "ravlt_s": 4.878, "ravlt_b": 10.580, "ravlt_l": 17.209}
+
+
+def randomize_(model, seed=0):
+    """Weights large enough that every branch (α, z, RoPE, gate, LePE, BN stats) moves the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 4:
+                p.copy_(torch.randn(p.shape, generator=g) / math.prod(p.shape[1:]) ** 0.5)
+            elif "gamma" in name:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.7 + 0.3)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if name.endswith("weight") else 0.0))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.2)
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+    return model
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# --- independent oracles, straight from the spec (tokens-major layout) ---
+
+def spec_rope(x, H, W):
+    """2D RoPE by explicit 2×2 rotations: x (B, h, N, d), token n = r·W + c."""
+    d = x.shape[-1]
+    theta = torch.tensor([10000.0 ** (-m / max(d // 4 - 1, 1)) for m in range(d // 4)],
+                         dtype=torch.float64)
+    out = torch.empty_like(x, dtype=torch.float64)
+    xd = x.double()
+    for n in range(H * W):
+        r, c = divmod(n, W)
+        for i in range(d // 2):  # pair (2i, 2i+1); first d/2 channels use rows, last d/2 columns
+            m = (i % (d // 4))
+            a = (r if i < d // 4 else c) * theta[m]
+            rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]],
+                               dtype=torch.float64)
+            out[..., n, 2 * i:2 * i + 2] = xd[..., n, 2 * i:2 * i + 2] @ rot.T
+    return out
+
+
+def spec_rala(q, k, v, H, W):
+    """RALA steps 1-5 of the spec, q/k/v (B, h, N, d) in float64, with its two 1/√N factors."""
+    q, k, v = q.double(), k.double(), v.double()
+    N, d = q.shape[-2], q.shape[-1]
+    phi_q, phi_k = F.elu(q) + 1, F.elu(k) + 1
+    q_bar = phi_q.mean(-2, keepdim=True)  # (B, h, 1, d)
+    alpha = torch.softmax(d ** -0.5 * (q_bar * phi_k).sum(-1), dim=-1)  # (B, h, N)
+    k_w = phi_k * alpha[..., None] * N
+    z = 1 / ((phi_q * k_w.mean(-2, keepdim=True)).sum(-1, keepdim=True) + 1e-6)  # (B, h, N, 1)
+    q_r, k_r = spec_rope(phi_q, H, W), spec_rope(k_w, H, W)
+    S = (k_r / N ** 0.5).transpose(-2, -1) @ (v / N ** 0.5)  # (B, h, d, d)
+    return (q_r @ S) * z  # (B, h, N, d)
+
+
+def spec_softmax(q, k, v, H, W):
+    q_r, k_r = spec_rope(q, H, W), spec_rope(k, H, W)
+    a = torch.softmax(q_r @ k_r.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+    return a @ v.double()
+
+
+def heads_first(x):
+    """(B, h, N, d) -> ravlt.py's (B, h, d, N)."""
+    return x.transpose(-2, -1)
+
+
+@pytest.fixture(scope="module")
+def qkv():
+    B, h, H, W, d = 2, 2, 5, 7, 8
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(B, h, H * W, d, generator=g) for _ in range(3)], (H, W)
+
+
+def test_rope_tables_follow_spec():
+    rope = ravlt.RoPE2d(16)
+    d4 = 4
+    expected = torch.tensor([10000.0 ** (-m / (d4 - 1)) for m in range(d4)]).repeat_interleave(2)
+    torch.testing.assert_close(rope.angle, expected)
+    x = torch.randn(1, 1, 3 * 4, 16)
+    cos, sin = rope(3, 4)
+    assert cos.shape == sin.shape == (16, 12)
+    torch.testing.assert_close(ravlt.rope(heads_first(x), cos, sin),
+                               heads_first(spec_rope(x, 3, 4)).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_rala_linear_form_equals_spec_equations(qkv):
+    (q, k, v), (H, W) = qkv
+    cos, sin = ravlt.RoPE2d(q.shape[-1])(H, W)
+    y = ravlt.rala(heads_first(q), heads_first(k), heads_first(v), cos, sin)  # (B, h, d, N)
+    torch.testing.assert_close(y.double(), heads_first(spec_rala(q, k, v, H, W)), atol=1e-5, rtol=1e-4)
+
+
+def test_rala_explicit_matrix_equals_linear_form(qkv):
+    (q, k, v), (H, W) = qkv
+    cos, sin = ravlt.RoPE2d(q.shape[-1])(H, W)
+    q, k, v = heads_first(q), heads_first(k), heads_first(v)
+    A = ravlt.rala_matrix(q, k, cos, sin)  # (B, h, N, N)
+    assert A.shape == (2, 2, H * W, H * W)
+    torch.testing.assert_close(v @ A.transpose(-2, -1), ravlt.rala(q, k, v, cos, sin), atol=1e-5, rtol=1e-4)
+    # the linear-attention matrix has rank <= d however many tokens there are (float32 noise aside)
+    sigma = torch.linalg.svdvals(A[0, 0].double())
+    assert sigma[q.shape[-2]] / sigma[0] < 1e-5 < sigma[q.shape[-2] - 1] / sigma[0]
+
+
+def test_softmax_attention_equals_spec_and_explicit_matrix(qkv):
+    (q, k, v), (H, W) = qkv
+    cos, sin = ravlt.RoPE2d(q.shape[-1])(H, W)
+    y = ravlt.softmax_attention(heads_first(q), heads_first(k), heads_first(v), cos, sin)
+    torch.testing.assert_close(y.double(), heads_first(spec_softmax(q, k, v, H, W)), atol=1e-5, rtol=1e-4)
+    A = ravlt.softmax_matrix(heads_first(q), heads_first(k), cos, sin)
+    torch.testing.assert_close(heads_first(v) @ A.transpose(-2, -1), y, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(A.sum(-1), torch.ones(A.shape[:-1]))
+
+
+@pytest.mark.parametrize("kind", ["rala", "softmax"])
+def test_attention_frame_gate_lepe_and_head_major_channels(kind):
+    """proj(o ⊙ (Y + LePE(v))) with q | k | v | o channel groups, head-major, rebuilt by hand."""
+    B, C, h, H, W = 2, 16, 2, 6, 5
+    d = C // h
+    attn = randomize_(ravlt.Attention(C, h, kind)).eval()
+    x = torch.randn(B, C, H, W)
+    cos, sin = ravlt.RoPE2d(d)(H, W)
+    q, k, v, o = F.conv2d(x, attn.qkvo.weight, attn.qkvo.bias).split(C, dim=1)
+    tokens = [t.flatten(2).unflatten(1, (h, d)).transpose(-2, -1) for t in (q, k, v)]  # (B, h, N, d)
+    y = (spec_rala if kind == "rala" else spec_softmax)(*tokens, H, W)
+    y = y.transpose(-2, -1).reshape(B, C, H, W).float()  # heads back to channels, head-major
+    lepe = F.conv2d(v, attn.lepe.weight, attn.lepe.bias, padding=2, groups=C)
+    expected = F.conv2d(o * (y + lepe), attn.proj.weight, attn.proj.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, cos, sin), expected, atol=1e-4, rtol=1e-4)
+        A = attn.attention_matrix(x, cos, sin)
+    assert A.shape == (B, h, H * W, H * W)
+
+
+def test_state_dict_keys_are_the_release_layout():
+    model = ravlt.create_model("ravlt_t")
+    cfg = model.cfg
+    keys = {f"patch_embed.proj.{i}.{p}" for i in (0, 3, 6, 9) for p in ("weight", "bias")}
+    keys |= {f"patch_embed.proj.{i}.{p}" for i in (1, 4, 7, 10)
+             for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    block = ["pos", "attn.qkvo", "attn.lepe", "attn.proj", "norm1.norm", "norm2.norm", "ffn.fc1",
+             "ffn.dwconv", "ffn.fc2"]
+    for i, depth in enumerate(cfg.depths):
+        keys.add(f"layers.{i}.RoPE.angle")
+        for j in range(depth):
+            keys |= {f"layers.{i}.blocks.{j}.{m}.{p}" for m in block for p in ("weight", "bias")}
+            keys |= {f"layers.{i}.blocks.{j}.gamma_1", f"layers.{i}.blocks.{j}.gamma_2"}
+        if i < 3:
+            keys |= {f"layers.{i}.downsample.reduction.{p}" for p in ("weight", "bias")}
+            keys |= {f"layers.{i}.downsample.norm.{p}" for p in
+                     ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    keys |= {f"{m}.{p}" for m in ("proj", "head") for p in ("weight", "bias")}
+    keys |= {f"norm.{p}" for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    sd = model.state_dict()
+    assert set(sd) == keys
+    assert sd["layers.2.blocks.0.gamma_1"].shape == (1, 256, 1, 1)
+    assert sd["layers.0.blocks.0.ffn.fc1.weight"].shape == (224, 64, 1, 1)  # int(3.5 · 64)
+    assert sd["layers.1.RoPE.angle"].shape == (32,)  # d/2 for d = 128/2
+
+
+@pytest.mark.parametrize("name", list(RELEASE_PARAMS))
+def test_parameter_count_equals_release(name):
+    model = ravlt.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == RELEASE_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", ["ravlt_t", "ravlt_s"])
+def test_macs_within_half_percent_of_release(name):
+    gmacs = ravlt.count_macs(ravlt.create_model(name)) / 1e9
+    assert abs(gmacs - RELEASE_GMACS[name]) / RELEASE_GMACS[name] < 0.005
+
+
+def test_fully_linear_model_cost_grows_linearly_with_pixels():
+    """MACs, counted op by op: 4× the pixels costs 4× for all-RALA, more for the hybrid."""
+    linear = ravlt.create_model("ravlt_nano", attn=("rala",) * 4)
+    hybrid = ravlt.create_model("ravlt_nano")
+    lin_ratio = ravlt.count_macs(linear, 512) / ravlt.count_macs(linear, 256)
+    hyb_ratio = ravlt.count_macs(hybrid, 512) / ravlt.count_macs(hybrid, 256)
+    assert 3.99 < lin_ratio <= 4.0  # just under 4: the classifier on the pooled vector is constant
+    assert hyb_ratio > 5.0
+
+
+@pytest.mark.parametrize("size", [(32, 32), (97, 131), (33, 47)])
+def test_any_input_size_gives_logits_and_ceil_strides(size):
+    model = ravlt.create_model("ravlt_nano", num_classes=7).eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        assert model(x).shape == (2, 7)
+        feats = model.forward_stages(x)
+    for i, f in enumerate(feats):
+        stride = 2 ** (i + 2)
+        assert f.shape == (2, model.feature_channels[i], -(-size[0] // stride), -(-size[1] // stride))
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 64), (2, 1, 64, 64), (2, 4, 64, 64), (1, 2, 3, 64, 64)])
+def test_wrong_input_raises_clear_error(shape):
+    model = ravlt.create_model("ravlt_nano")
+    with pytest.raises(ValueError, match=r"expects input of shape \(B, 3, H, W\)"):
+        model(torch.randn(*shape))
+
+
+def test_create_model_rejects_bad_names_and_options():
+    with pytest.raises(ValueError, match="ravlt_t, ravlt_s, ravlt_b, ravlt_l"):
+        ravlt.create_model("ravlt_xl")
+    with pytest.raises(ValueError, match="unknown option"):
+        ravlt.create_model("ravlt_t", num_class=10)
+    with pytest.raises(ValueError, match="attn must be"):
+        ravlt.create_model("ravlt_t", attn=("rala", "linear", "softmax", "softmax"))
+    with pytest.raises(ValueError, match="attn must be"):
+        ravlt.create_model("ravlt_t", attn=("rala",) * 3)
+
+
+def test_timm_conventions():
+    model = ravlt.create_model("ravlt_nano").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fmap = model.forward_features(x)
+        assert fmap.shape == (2, 64, 2, 2)
+        pooled = model.forward_head(fmap, pre_logits=True)
+        assert pooled.shape == (2, model.head_hidden_size)
+        logits = model(x)
+        torch.testing.assert_close(logits, F.conv2d(pooled[..., None, None], model.head.weight,
+                                                    model.head.bias).flatten(1))
+        model.reset_classifier(5)
+        assert model(x).shape == (2, 5)
+        model.reset_classifier(0)
+        torch.testing.assert_close(model(x), pooled)
+    cfg = ravlt.create_model("ravlt_t").pretrained_cfg
+    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+    assert (cfg["interpolation"], cfg["crop_pct"], cfg["input_size"]) == ("bicubic", 0.875, (3, 224, 224))
+
+
+def test_features_only_returns_four_stage_maps():
+    full = randomize_(ravlt.create_model("ravlt_t")).eval()
+    backbone = ravlt.create_model("ravlt_t", features_only=True).eval()
+    assert backbone.feature_channels == (64, 128, 256, 512)
+    assert not any(k.startswith(("head.", "proj.", "norm.")) for k in backbone.state_dict())
+    backbone.load_state_dict({k: v for k, v in full.state_dict().items() if k in backbone.state_dict()})
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        feats = backbone(x)
+        assert [f.shape[1:] for f in feats] == [(64, 24, 16), (128, 12, 8), (256, 6, 4), (512, 3, 2)]
+        for a, b in zip(feats, full.forward_stages(x)):
+            torch.testing.assert_close(a, b)
+
+
+def test_backward_gives_every_parameter_a_finite_gradient():
+    model = ravlt.create_model("ravlt_nano", drop_path_rate=0.1)
+    model(torch.randn(2, 3, 48, 40)).logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_compiled_attention_equals_eager_on_cpu():
+    x = torch.randn(2, 3, 64, 48)
+    eager = randomize_(ravlt.create_model("ravlt_nano", compile_attn=False)).eval()
+    compiled = ravlt.create_model("ravlt_nano", compile_attn=True).eval()
+    compiled.load_state_dict(eager.state_dict())
+    with torch.no_grad():
+        a, b = eager(x), compiled(x)
+    assert rel_err(b, a) < 1e-4
+    assert ravlt._compiled_cores, "the compiled path was not taken"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fully_linear_model_is_finite_at_1024_under_autocast(dtype):
+    # stage 1 has N = 65,536 tokens: N itself overflows fp16, so this needs the float32 core
+    model = ravlt.create_model("ravlt_nano", attn=("rala",) * 4).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        out = model(torch.randn(1, 3, 1024, 1024))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_rala_keeps_float32_inside_autocast(qkv):
+    (q, k, v), (H, W) = qkv
+    cos, sin = ravlt.RoPE2d(q.shape[-1])(H, W)
+    q, k, v = (heads_first(t) for t in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ravlt.rala(q.bfloat16(), k.bfloat16(), v.bfloat16(), cos, sin)
+    ref = ravlt.rala(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), cos, sin)
+    assert y.dtype == torch.bfloat16
+    # only the final cast is in bf16: error is one bf16 rounding, not an accumulation of them
+    assert rel_err(y.float(), ref) < 2 ** -8
+
+
+# --- checkpoints ---
+
+def release_style_checkpoint(model, path, **extra):
+    torch.save({"model": model.state_dict(), "model_ema": model.state_dict(),
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]}, "epoch": 299,
+                "args": argparse.Namespace(model="RAVLT_T", lr=1e-3, output_dir="out"),
+                "max_accuracy": 82.6, **extra}, path)
+
+
+def test_load_release_style_checkpoint_and_plain_state_dicts(tmp_path):
+    src = randomize_(ravlt.create_model("ravlt_nano")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = src(x)
+    release_style_checkpoint(src, tmp_path / "release.pth")
+    torch.save(src.state_dict(), tmp_path / "plain.pth")
+    torch.save({"module." + k: v for k, v in src.state_dict().items()}, tmp_path / "ddp.pth")
+    for name in ("release.pth", "plain.pth", "ddp.pth"):
+        model = ravlt.create_model("ravlt_nano", pretrained=tmp_path / name).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected)
+
+
+def test_load_checkpoint_picks_ema_weights(tmp_path):
+    a, b = randomize_(ravlt.create_model("ravlt_nano"), 1), randomize_(ravlt.create_model("ravlt_nano"), 2)
+    torch.save({"model": a.state_dict(), "model_ema": b.state_dict()}, tmp_path / "ck.pth")
+    model = ravlt.load_checkpoint(ravlt.create_model("ravlt_nano"), tmp_path / "ck.pth", use_ema=True)
+    torch.testing.assert_close(model.head.weight, b.head.weight)
+    model = ravlt.load_checkpoint(ravlt.create_model("ravlt_nano"), tmp_path / "ck.pth")
+    torch.testing.assert_close(model.head.weight, a.head.weight)
+
+
+def test_checkpoint_of_another_variant_names_mismatched_keys(tmp_path):
+    torch.save(ravlt.create_model("ravlt_t").state_dict(), tmp_path / "t.pth")
+    with pytest.raises(ValueError) as err:
+        ravlt.load_checkpoint(ravlt.create_model("ravlt_s"), tmp_path / "t.pth")
+    msg = str(err.value)
+    assert "does not fit ravlt_s" in msg
+    assert "layers.1.downsample.reduction.weight: checkpoint (256, 128, 3, 3) vs model (320, 128, 3, 3)" in msg
+    assert "missing" in msg  # ravlt_s has more blocks
+
+
+def test_unreadable_or_unsafe_checkpoints_are_refused(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        ravlt.load_checkpoint(ravlt.create_model("ravlt_nano"), tmp_path / "junk.pth")
+    # arbitrary pickled objects are code, not data: weights_only refuses them
+    torch.save({"model": {}, "hook": Path("x")}, tmp_path / "code.pth")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        ravlt.load_checkpoint(ravlt.create_model("ravlt_nano"), tmp_path / "code.pth")
+    with pytest.raises(FileNotFoundError):
+        ravlt.load_checkpoint(ravlt.create_model("ravlt_nano"), tmp_path / "missing.pth")
+
+
+def test_pretrained_weights_into_other_class_count_and_backbone(tmp_path):
+    src = randomize_(ravlt.create_model("ravlt_nano"))
+    release_style_checkpoint(src, tmp_path / "ck.pth")
+    finetune = ravlt.create_model("ravlt_nano", num_classes=10, pretrained=tmp_path / "ck.pth")
+    assert finetune.head.weight.shape[0] == 10
+    torch.testing.assert_close(finetune.proj.weight, src.proj.weight)
+    backbone = ravlt.create_model("ravlt_nano", features_only=True, pretrained=tmp_path / "ck.pth")
+    torch.testing.assert_close(backbone.layers[3].blocks[0].attn.qkvo.weight,
+                               src.layers[3].blocks[0].attn.qkvo.weight)
+
+
+# --- the file itself ---
+
+def test_ravlt_py_imports_torch_only():
+    tree = ast.parse((ROOT / "ravlt.py").read_text())
+    roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for alias in node.names}
+    roots |= {node.module.split(".")[0] for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom) and node.module}
+    assert roots - set(sys.stdlib_module_names) == {"torch"}
+
+
+def test_cli_prints_variant_table():
+    out = subprocess.run([sys.executable, str(ROOT / "ravlt.py"), "--input-size", "64"], cwd=ROOT,
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    for name in ("ravlt_t", "ravlt_s", "ravlt_b", "ravlt_l"):
+        line = next(l for l in out.splitlines() if l.startswith(name + " "))
+        assert f"{RELEASE_PARAMS[name]:,}" in line and "rala/rala/softmax/softmax" in line
+
+
+# --- the release itself, when you have it (needs timm, einops, fvcore; never vendored here) ---
+
+@pytest.mark.skipif(not os.environ.get("RAVLT_RELEASE_FILE"),
+                    reason="set RAVLT_RELEASE_FILE=path/to/qhfan/RALA/classfication/RALA.py")
+@pytest.mark.parametrize("name", ["ravlt_t", "ravlt_s", "ravlt_b", "ravlt_l"])
+def test_same_logits_as_release(name, tmp_path):
+    if "release_rala" not in sys.modules:  # timm's model registry wants the module registered
+        spec = importlib.util.spec_from_file_location("release_rala", os.environ["RAVLT_RELEASE_FILE"])
+        sys.modules["release_rala"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["release_rala"])
+    release = sys.modules["release_rala"]
+    ref = randomize_(getattr(release, name.upper())()).eval()
+    release_style_checkpoint(ref, tmp_path / "release.pth")
+    ours = ravlt.create_model(name, pretrained=tmp_path / "release.pth").eval()
+    for size in [(224, 224), (97, 131)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            err = rel_err(ours(x), ref(x))
+        print(f"{name} {size}: max relative logit difference {err:.1e}")
+        assert err <= 1e-4
