@@ -41,8 +41,9 @@ def backbone_readme(tmp_path_factory):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     folder = tmp_path_factory.mktemp("backbone")
-    torch.save({"model": full.state_dict(), "epoch": 299, "args": argparse.Namespace(model="RAVLT_T")},
-               folder / "RAVLT_T.pth")
+    release_format = {"model": full.state_dict(), "epoch": 299,
+                      "args": argparse.Namespace(model="RAVLT_T")}
+    torch.save(release_format, folder / "RAVLT_T.pth")
     blocks = readme_python_blocks("Use as a backbone")
     assert len(blocks) >= 3, "expected the FPN helper, the detectors and the segmentation example"
     namespace = {"__name__": "readme_backbone"}
@@ -127,8 +128,9 @@ def _boxes_and_masks(image):
 
 # torchvision's defaults (800-pixel images, 2000 proposals, 512 sampled RoIs, 100 detections) make
 # the heads, not the backbone, the cost on a CPU: the tests re-wrap the README's backbones smaller.
-SMALL_RCNN = dict(min_size=96, max_size=128, rpn_pre_nms_top_n_train=200, rpn_pre_nms_top_n_test=100,
-                  rpn_post_nms_top_n_train=100, rpn_post_nms_top_n_test=50, box_batch_size_per_image=32,
+SMALL_RCNN = dict(min_size=96, max_size=128, rpn_pre_nms_top_n_train=200,
+                  rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_train=100,
+                  rpn_post_nms_top_n_test=50, box_batch_size_per_image=32,
                   box_detections_per_img=10, box_score_thresh=0.0)
 SMALL_RETINANET = dict(min_size=96, max_size=128, topk_candidates=50, detections_per_img=10,
                        score_thresh=0.0)
