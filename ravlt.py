@@ -23,7 +23,12 @@ State-dict keys are identical to the release's, so its checkpoints load as they 
 (`load_checkpoint`). `python ravlt.py` prints the variant table (params, GMACs, attention kinds).
 """
 import argparse
+import ctypes
+import importlib.util
 import math
+import platform
+import sys
+import time
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -63,9 +68,19 @@ class LayerNorm2d(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x):
-        # channels-last view -> LayerNorm's fused kernel -> back; the result stays channels-last
-        # in memory, which the following 1×1 conv reads as efficiently as contiguous NCHW.
+        # The model runs channels-last (see RAVLT.forward_stages), so both permutes are free views
+        # and LayerNorm's fused kernel reads each token's C channels contiguously.
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def conv_plus_identity(conv, x):
+    """x + conv(x) for a depthwise 3×3 conv, as one conv whose kernel has 1 added at its centre.
+
+    Saves a full read-write pass over x, the widest tensor of a block (inside the FFN).
+    """
+    identity = torch.zeros_like(conv.weight)  # (C, 1, 3, 3)
+    identity[:, :, 1, 1] = 1.0
+    return F.conv2d(x, conv.weight + identity, conv.bias, padding=1, groups=conv.groups)
 
 
 class DropPath(nn.Module):
@@ -100,22 +115,28 @@ class RoPE2d(nn.Module):
     def forward(self, H, W):
         rows = torch.arange(H, device=self.angle.device, dtype=self.angle.dtype)
         cols = torch.arange(W, device=self.angle.device, dtype=self.angle.dtype)
-        ang_r = (rows[:, None] * self.angle).T[:, :, None].expand(-1, H, W)  # (d/2, H, W)
-        ang_c = (cols[:, None] * self.angle).T[:, None, :].expand(-1, H, W)  # (d/2, H, W)
-        angle = torch.cat([ang_r, ang_c]).flatten(1)  # (d, N): token n = r·W + c
-        sign = torch.tensor([-1.0, 1.0], device=angle.device).repeat(angle.shape[0] // 2)  # (d,)
-        return angle.cos(), angle.sin() * sign[:, None]  # (d, N), (d, N)
+        ang_r = (rows[:, None] * self.angle)[:, None, :].expand(H, W, -1)  # (H, W, d/2)
+        ang_c = (cols[:, None] * self.angle)[None, :, :].expand(H, W, -1)  # (H, W, d/2)
+        angle = torch.cat([ang_r, ang_c], dim=-1).flatten(0, 1)  # (N, d): token n = r·W + c
+        sign = torch.tensor([-1.0, 1.0], device=angle.device).repeat(angle.shape[1] // 2)  # (d,)
+        # (d, N) views of (N, d) memory: the same layout as the channels-last q and k
+        return angle.cos().T, (angle.sin() * sign).T  # (d, N), (d, N)
 
 
 def rope(x, cos, sin):
-    """Rotate channel pairs (2i, 2i+1) of x (..., d, N): out[2i] = x[2i]cos - x[2i+1]sin, etc."""
-    swapped = x.unflatten(-2, (-1, 2)).flip(-2).flatten(-3, -2)  # (..., d, N): x1, x0, x3, x2, ...
-    return x * cos + swapped * sin
+    """x·cos + swap(x)·sin on channel pairs of x (..., d, N), i.e. for every pair (2i, 2i+1):
+    out[2i] = x[2i]·cos - x[2i+1]·sin,  out[2i+1] = x[2i+1]·cos + x[2i]·sin."""
+    out = x * cos  # (..., d, N)
+    # The swap term is added in place, pair by pair: no swapped copy of x is ever made.
+    xp, op, sp = (t.unflatten(-2, (-1, 2)) for t in (x, out, sin))  # (..., d/2, 2, N)
+    op[..., 0, :].addcmul_(xp[..., 1, :], sp[..., 0, :])  # out[2i]   += x[2i+1]·(-sin)
+    op[..., 1, :].addcmul_(xp[..., 0, :], sp[..., 1, :])  # out[2i+1] += x[2i]·sin
+    return out
 
 
 def phi(x):
     """The linear-attention feature map φ(x) = ELU(x) + 1 (positive, so the normaliser is > 0)."""
-    return F.elu(x) + 1.0
+    return F.elu(x).add_(1.0)  # in place: one fewer N×d temporary (ELU's backward needs only x)
 
 
 # -----------------------------------------------------------------------------
@@ -154,9 +175,10 @@ def rala(q, k, v, cos, sin, eps=1e-6):
         q_rot, k_rot = rope(phi_q, cos, sin), rope(k_tilde, cos, sin)  # (B, h, d, N)
         # 4. The KV buffer: one d×d matrix per head. This contraction is the linear complexity.
         kv = (k_rot @ v.transpose(-2, -1)) / N  # (B, h, d, N) @ (B, h, N, d) -> (B, h, d, d)
-        # 5. Read the buffer with every query and normalise
-        y = (kv.transpose(-2, -1) @ q_rot) * z  # (B, h, d, d) @ (B, h, d, N) -> (B, h, d, N)
-    return y.to(dtype)
+        # 5. Read the buffer with every query and normalise. Token-major (N, d) rows, like SDPA's
+        #    output, so that the result is already channels-last memory.
+        y = (q_rot.transpose(-2, -1) @ kv) * z.transpose(-2, -1)  # (B, h, N, d) @ (B, h, d, d) -> (B, h, N, d)
+    return y.transpose(-2, -1).to(dtype)  # (B, h, d, N)
 
 
 def rala_matrix(q, k, cos, sin, eps=1e-6):
@@ -219,7 +241,11 @@ class Attention(nn.Module):
 
     def _qkvo(self, x):
         B, C, H, W = x.shape
-        q, k, v, o = self.qkvo(x).chunk(4, dim=1)  # 4 × (B, C, H, W)
+        # Four 1×1 convs with the four weight slices of the one qkvo conv (same numbers): each of
+        # q, k, v, o comes out dense instead of a strided slice, and element-wise kernels run
+        # several times faster on dense memory.
+        w, b = self.qkvo.weight.chunk(4), self.qkvo.bias.chunk(4)
+        q, k, v, o = (F.conv2d(x, w[i], b[i]) for i in range(4))  # 4 × (B, C, H, W)
         heads = (B, self.num_heads, C // self.num_heads, H * W)
         return q.reshape(heads), k.reshape(heads), v.reshape(heads), v, o  # (B, h, d, N) ×3
 
@@ -227,7 +253,10 @@ class Attention(nn.Module):
         q, k, v, v_map, o = self._qkvo(x)
         use_compiled = x.is_cuda if self.compile_attn is None else self.compile_attn
         core = _compiled(self.kind) if use_compiled else _CORES[self.kind]
-        y = core(q, k, v, cos, sin).reshape(x.shape)  # (B, h, d, N) -> (B, C, H, W)
+        B, C, H, W = x.shape
+        y = core(q, k, v, cos, sin)  # (B, h, d, N)
+        # back to a channels-last map: a free view unless the heads' outputs lie apart in memory
+        y = y.permute(0, 3, 1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
         # Output-feature rank augmentation: the element-wise gate o lifts Y out of its rank-d space
         return self.proj(o * (y + self.lepe(v_map)))
 
@@ -253,7 +282,7 @@ class FFN(nn.Module):
 
     def forward(self, x):
         x = F.gelu(self.fc1(x))  # (B, F, H, W)
-        return self.fc2(x + self.dwconv(x))  # (B, C, H, W)
+        return self.fc2(conv_plus_identity(self.dwconv, x))  # x + dwconv(x): (B, C, H, W)
 
 
 class Block(nn.Module):
@@ -271,9 +300,10 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x, cos, sin):
-        x = x + self.pos(x)
-        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), cos, sin))
-        return x + self.drop_path(self.gamma_2 * self.ffn(self.norm2(x)))
+        x = x + self.pos(x)  # not folded like the FFN's: the residual stream stays fp32 under autocast
+        # addcmul computes x + γ·branch in one pass (DropPath commutes with the per-channel γ)
+        x = torch.addcmul(x, self.gamma_1, self.drop_path(self.attn(self.norm1(x), cos, sin)))
+        return torch.addcmul(x, self.gamma_2, self.drop_path(self.ffn(self.norm2(x))))
 
 
 class Downsample(nn.Module):
@@ -376,7 +406,9 @@ class RAVLT(nn.Module):
     def forward_stages(self, x):
         """The four stage outputs (strides 4, 8, 16, 32, rounded up), taken before downsampling."""
         self._check_input(x)
-        x = self.patch_embed.proj(x)  # (B, C1, H/4, W/4)
+        # Channels-last memory (shape unchanged): oneDNN convolutions run faster on it, and
+        # LayerNorm over channels becomes a contiguous reduction.
+        x = self.patch_embed.proj(x.contiguous(memory_format=torch.channels_last))  # (B, C1, H/4, W/4)
         features = []
         for stage in self.layers:
             x = stage(x)
@@ -485,6 +517,9 @@ VARIANTS = {
 }
 
 
+RELEASED = ("ravlt_t", "ravlt_s", "ravlt_b", "ravlt_l")  # the variants with official checkpoints
+
+
 def create_model(name, pretrained=None, features_only=False, compile_attn=None, norm_eval=False,
                  **overrides):
     """Build a RAVLT variant: create_model("ravlt_t", num_classes=10, attn=("rala",) * 4).
@@ -533,10 +568,183 @@ def variant_table(size=224):
     return rows
 
 
+# -----------------------------------------------------------------------------
+# Benchmark: `python ravlt.py --bench` (see README, "Speed")
+
+
+def _machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # Linux names the CPU model here; elsewhere fall back to the platform module
+        return next(l.split(":")[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def _best_time(fn, device, repeats):
+    """Best wall time of `repeats` calls after one warm-up call (which also compiles, if any)."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _peak_mb(fn, device):
+    """Extra memory at the peak of one call, in MB. CUDA: the caching allocator's peak. CPU (Linux
+    only): growth of the process's peak resident memory (VmHWM, reset through /proc/self/clear_refs)
+    over its resident memory before the call, so every buffer counts, oneDNN's included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, or it would hide new peaks
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _proc_status_kb("VmRSS")
+        fn()
+        return (_proc_status_kb("VmHWM") - base) / 1024
+    except OSError:
+        return math.nan
+
+
+def _proc_status_kb(key):
+    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key + ":")))
+
+
+def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8, layer_sides=(14, 28, 56, 112),
+          highres=((512, 512), (1024, 1024), (800, 1333)), repeats=3, device="cpu", compile=False,
+          amp=False, release_file=None):
+    """Print img/s, GMAC/s, training speed, attention-layer and high-resolution cost (see main)."""
+    device = torch.device(device)
+    release = None
+    if release_file:  # the official RALA.py, loaded from the user's copy (it needs timm, einops, fvcore)
+        spec = importlib.util.spec_from_file_location("release_rala", release_file)
+        release = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # timm's registry wants it
+        spec.loader.exec_module(release)
+    amp_ctx = lambda: torch.autocast(device.type, torch.bfloat16, enabled=amp)  # noqa: E731
+    print(f"{_machine(device)} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
+          f"{'bf16 autocast' if amp else 'fp32'} | best of {repeats} | memory: extra peak MB | "
+          f"x base: speed-up over each model's first row (the release when given)")
+
+    def measure(fn):
+        return _best_time(fn, device, repeats), _peak_mb(fn, device)
+
+    def twin(name, **kw):  # the release's model (if given) and ours with the same weights
+        ref = getattr(release, "RAVLT_" + name[-1].upper())() if release and name in RELEASED else None
+        ours = create_model(name, compile_attn=False, **kw)
+        if ref is not None:
+            ours.load_state_dict(ref.state_dict(), strict=not ours.features_only)
+        return ref, ours
+
+    print(f"\n{'model':<11}{'path':<9}{'GMACs':>6}{'infer img/s':>12}{'GMAC/s':>7}{'x base':>7}"
+          f"{'train img/s':>12}{'x base':>7}{'train MB':>9}")
+    x, xt = torch.randn(batch, 3, size, size, device=device), torch.randn(train_batch, 3, size, size, device=device)
+    target = torch.randint(0, 1000, (train_batch,), device=device)
+    for name in variants:
+        ref, ours = twin(name)
+        macs = count_macs(ours, size) / 1e9  # per image
+        paths = {"release": ref, "eager": ours}
+        if compile:
+            paths["compiled"] = create_model(name, compile_attn=True)
+            paths["compiled"].load_state_dict(ours.state_dict())
+        base = {}
+        for path, model in paths.items():
+            if model is None:
+                continue
+            model.to(device)
+            opt = torch.optim.AdamW(model.parameters())
+
+            def infer():
+                with torch.no_grad(), amp_ctx():
+                    model.eval()(x)
+
+            def train_step():
+                with amp_ctx():
+                    loss = F.cross_entropy(model.train()(xt), target)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            t_inf, (t_train, mb) = _best_time(infer, device, repeats), measure(train_step)
+            base.setdefault("infer", t_inf), base.setdefault("train", t_train)
+            print(f"{name:<11}{path:<9}{macs:>6.2f}{batch / t_inf:>12.1f}{macs * batch / t_inf:>7.0f}"
+                  f"{base['infer'] / t_inf:>7.2f}{train_batch / t_train:>12.2f}{base['train'] / t_train:>7.2f}"
+                  f"{mb:>9.0f}")
+            model.cpu()
+
+    print("\nattention layer alone (C=64, 1 head, batch 1, inference): ms | extra peak MB")
+    print(f"{'side':>5}{'tokens':>8}{'RALA':>16}{'softmax (SDPA)':>16}" + ("    release RALA" if release else ""))
+    for side in layer_sides:
+        xl = torch.randn(1, 64, side, side, device=device).contiguous(memory_format=torch.channels_last)
+        rala_layer = Attention(64, 1, "rala", compile_attn=False).to(device)
+        softmax_layer = Attention(64, 1, "softmax", compile_attn=False).to(device)
+        cos, sin = RoPE2d(64).to(device)(side, side)
+        calls = [lambda: rala_layer(xl, cos, sin), lambda: softmax_layer(xl, cos, sin)]
+        if release:  # the release's layer, same weights; it takes (x, sin, cos) from its own RoPE
+            rel_layer = release.GateLinearAttentionNoSilu(64, 1).to(device)
+            rel_layer.load_state_dict(rala_layer.state_dict())
+            rel_sin, rel_cos = release.RoPE(64, 1).to(device)((side, side))
+            calls.append(lambda: rel_layer(xl, rel_sin, rel_cos))
+        row = f"{side:>5}{side * side:>8}"
+        for call in calls:
+            with torch.no_grad(), amp_ctx():
+                t, mb = measure(call)
+            row += f"{t * 1e3:>9.2f} |{mb:>5.0f}"
+        print(row)
+
+    ref, hybrid = twin(variants[0], features_only=True)
+    print(f"\nhigh resolution, batch 1, inference, {variants[0]} backbone (features_only; release: its stem"
+          f" and stages): s | extra peak MB")
+    print(f"{'input':>10}{'hybrid':>15}{'fully linear':>15}" + ("        release" if ref is not None else ""))
+    linear = create_model(variants[0], features_only=True, compile_attn=False, attn=("rala",) * 4)
+    linear.load_state_dict(hybrid.state_dict())
+    backbones = [hybrid.eval().to(device), linear.eval().to(device)]
+    if ref is not None:
+        ref.eval().to(device)
+        backbones.append(lambda x: [x := layer(x) for layer in [ref.patch_embed, *ref.layers]])
+    for h, w in highres:
+        xh, row = torch.randn(1, 3, h, w, device=device), f"{h}x{w}".rjust(10)
+        for backbone in backbones:
+            with torch.no_grad(), amp_ctx():
+                t, mb = measure(lambda: backbone(xh))
+            row += f"{t:>8.3f} |{mb:>5.0f}"
+        print(row)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print the RAVLT variant table.")
+    parser = argparse.ArgumentParser(description="Print the RAVLT variant table, or benchmark with --bench.")
     parser.add_argument("--input-size", type=int, default=224, help="image side in pixels (default 224)")
+    parser.add_argument("--bench", action="store_true", help="measure speed and memory (see README)")
+    parser.add_argument("--quick", action="store_true", help="with --bench: tiny sizes, a smoke test")
+    parser.add_argument("--variants", nargs="+", default=["ravlt_t", "ravlt_s"], choices=list(VARIANTS))
+    parser.add_argument("--batch", type=int, default=16, help="inference batch (training uses half)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (best kept)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also time compile_attn=True (default on CUDA)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--release-file", help="path of the release's RALA.py, to time it side by side"
+                        " on the same weights (needs timm, einops and fvcore installed)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.bench:
+        compile = args.compile or args.device.startswith("cuda")
+        if args.quick:  # every code path once, in seconds
+            bench(("ravlt_nano",), 64, 2, 2, (8, 16), ((64, 64), (96, 128)), 1, args.device, compile,
+                  args.amp, args.release_file)
+        else:
+            bench(args.variants, args.input_size, args.batch, max(1, args.batch // 2), repeats=args.repeats,
+                  device=args.device, compile=compile, amp=args.amp, release_file=args.release_file)
+        return
     print(f"{'model':<11} {'params':>12} {'GMACs@' + str(args.input_size):>10}  attention (stages 1-4)")
     for name, params, gmacs, kinds in variant_table(args.input_size):
         print(f"{name:<11} {params:>12,} {gmacs:>10.3f}  {kinds}")
