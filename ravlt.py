@@ -169,15 +169,17 @@ def rala(q, k, v, cos, sin, eps=1e-6):
         q_bar = phi_q.mean(-1, keepdim=True)  # (B, h, d, 1)
         alpha = torch.softmax(scale * q_bar.transpose(-2, -1) @ phi_k, dim=-1)  # (B, h, 1, N)
         k_tilde = phi_k * (alpha * N)  # (B, h, d, N); ×N keeps the mean weight at 1
+        del phi_k  # free what is done: the N×d temporaries below set the layer's peak memory
         # 2. Normaliser from the un-rotated φ(q) (RoPE could make the dot product negative)
         z = 1.0 / (k_tilde.mean(-1, keepdim=True).transpose(-2, -1) @ phi_q + eps)  # (B, h, 1, N)
-        # 3. Relative position enters through RoPE on both sides of the product
-        q_rot, k_rot = rope(phi_q, cos, sin), rope(k_tilde, cos, sin)  # (B, h, d, N)
-        # 4. The KV buffer: one d×d matrix per head. This contraction is the linear complexity.
-        kv = (k_rot @ v.transpose(-2, -1)) / N  # (B, h, d, N) @ (B, h, N, d) -> (B, h, d, d)
-        # 5. Read the buffer with every query and normalise. Token-major (N, d) rows, like SDPA's
-        #    output, so that the result is already channels-last memory.
-        y = (q_rot.transpose(-2, -1) @ kv) * z.transpose(-2, -1)  # (B, h, N, d) @ (B, h, d, d) -> (B, h, N, d)
+        # 3. Relative position enters through RoPE on both sides of the product, and
+        # 4. the KV buffer: one d×d matrix per head. This contraction is the linear complexity.
+        kv = rope(k_tilde, cos, sin) @ v.transpose(-2, -1) / N  # (B, h, d, N) @ (B, h, N, d) -> (B, h, d, d)
+        del k_tilde
+        # 5. Read the buffer with every rotated query and normalise (in place: one temporary fewer).
+        #    Token-major (N, d) rows, like SDPA's output, so the result is channels-last memory.
+        q_rot = rope(phi_q, cos, sin)  # (B, h, d, N)
+        y = (q_rot.transpose(-2, -1) @ kv).mul_(z.transpose(-2, -1))  # (B, h, N, d) @ (B, h, d, d) -> (B, h, N, d)
     return y.transpose(-2, -1).to(dtype)  # (B, h, d, N)
 
 
@@ -239,31 +241,31 @@ class Attention(nn.Module):
         self.lepe = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)  # local positional term on v
         self.proj = nn.Conv2d(dim, dim, 1)
 
-    def _qkvo(self, x):
+    def _group(self, x, i):
+        """Group i of the qkvo conv (0 q, 1 k, 2 v, 3 o) as (B, h, d, N): a 1×1 conv with that slice
+        of the weights (same numbers as one 4C conv), so each comes out dense instead of a strided
+        slice (element-wise kernels run several times faster on dense memory) and only when needed."""
         B, C, H, W = x.shape
-        # Four 1×1 convs with the four weight slices of the one qkvo conv (same numbers): each of
-        # q, k, v, o comes out dense instead of a strided slice, and element-wise kernels run
-        # several times faster on dense memory.
-        w, b = self.qkvo.weight.chunk(4), self.qkvo.bias.chunk(4)
-        q, k, v, o = (F.conv2d(x, w[i], b[i]) for i in range(4))  # 4 × (B, C, H, W)
-        heads = (B, self.num_heads, C // self.num_heads, H * W)
-        return q.reshape(heads), k.reshape(heads), v.reshape(heads), v, o  # (B, h, d, N) ×3
+        y = F.conv2d(x, self.qkvo.weight[i * C:(i + 1) * C], self.qkvo.bias[i * C:(i + 1) * C])
+        return y.reshape(B, self.num_heads, C // self.num_heads, H * W)  # (B, h, d, N)
 
     def forward(self, x, cos, sin):
-        q, k, v, v_map, o = self._qkvo(x)
+        B, C, H, W = x.shape
         use_compiled = x.is_cuda if self.compile_attn is None else self.compile_attn
         core = _compiled(self.kind) if use_compiled else _CORES[self.kind]
-        B, C, H, W = x.shape
-        y = core(q, k, v, cos, sin)  # (B, h, d, N)
+        v = self._group(x, 2)
+        y = core(self._group(x, 0), self._group(x, 1), v, cos, sin)  # (B, h, d, N); q, k freed after
         # back to a channels-last map: a free view unless the heads' outputs lie apart in memory
         y = y.permute(0, 3, 1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
-        # Output-feature rank augmentation: the element-wise gate o lifts Y out of its rank-d space
-        return self.proj(o * (y + self.lepe(v_map)))
+        y = y + self.lepe(v.reshape(x.shape))  # (B, C, H, W)
+        # Output-feature rank augmentation: the element-wise gate o lifts Y out of its rank-d space.
+        # o is computed only now, so it never coexists with the core's temporaries.
+        return self.proj(self._group(x, 3).reshape(x.shape) * y)
 
     @torch.no_grad()
     def attention_matrix(self, x, cos, sin):
         """The N×N matrix this layer applies to v, (B, h, N, N): for inspection and teaching."""
-        q, k, *_ = self._qkvo(x)
+        q, k = self._group(x, 0), self._group(x, 1)
         return rala_matrix(q, k, cos, sin) if self.kind == "rala" else softmax_matrix(q, k, cos, sin)
 
 
@@ -581,17 +583,21 @@ def _machine(device):
         return platform.processor() or "unknown CPU"
 
 
-def _best_time(fn, device, repeats):
-    """Best wall time of `repeats` calls after one warm-up call (which also compiles, if any)."""
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        start = time.perf_counter()
+def _measure(fns, device, repeats):
+    """(best seconds, extra peak MB) of each fn. After a warm-up call each (which also compiles),
+    the timed calls are interleaved, so that a change of load on the machine hits all alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    for fn in fns:
         fn()
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        best = min(best, time.perf_counter() - start)
-    return best
+    best = [math.inf] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [(t, _peak_mb(fn, device)) for t, fn in zip(best, fns)]
 
 
 def _peak_mb(fn, device):
@@ -622,101 +628,91 @@ def _proc_status_kb(key):
 def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8, layer_sides=(14, 28, 56, 112),
           highres=((512, 512), (1024, 1024), (800, 1333)), repeats=3, device="cpu", compile=False,
           amp=False, release_file=None):
-    """Print img/s, GMAC/s, training speed, attention-layer and high-resolution cost (see main)."""
+    """Print speed and memory: whole models, the attention layer alone, and high-resolution backbones."""
     device = torch.device(device)
     release = None
     if release_file:  # the official RALA.py, loaded from the user's copy (it needs timm, einops, fvcore)
         spec = importlib.util.spec_from_file_location("release_rala", release_file)
         release = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # timm's registry wants it
         spec.loader.exec_module(release)
-    amp_ctx = lambda: torch.autocast(device.type, torch.bfloat16, enabled=amp)  # noqa: E731
-    print(f"{_machine(device)} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
-          f"{'bf16 autocast' if amp else 'fp32'} | best of {repeats} | memory: extra peak MB | "
-          f"x base: speed-up over each model's first row (the release when given)")
 
-    def measure(fn):
-        return _best_time(fn, device, repeats), _peak_mb(fn, device)
+    def run(fn, grad=False):  # fn under the benchmark's precision, without autograd unless training
+        def call():
+            with torch.set_grad_enabled(grad), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                return fn()
+        return call
 
-    def twin(name, **kw):  # the release's model (if given) and ours with the same weights
+    def twin(name, **kw):  # the release's model (when given) and ours, with the same weights
         ref = getattr(release, "RAVLT_" + name[-1].upper())() if release and name in RELEASED else None
         ours = create_model(name, compile_attn=False, **kw)
         if ref is not None:
             ours.load_state_dict(ref.state_dict(), strict=not ours.features_only)
         return ref, ours
 
-    print(f"\n{'model':<11}{'path':<9}{'GMACs':>6}{'infer img/s':>12}{'GMAC/s':>7}{'x base':>7}"
-          f"{'train img/s':>12}{'x base':>7}{'train MB':>9}")
-    x, xt = torch.randn(batch, 3, size, size, device=device), torch.randn(train_batch, 3, size, size, device=device)
-    target = torch.randint(0, 1000, (train_batch,), device=device)
+    print(f"{_machine(device)} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
+          f"{'bf16 autocast' if amp else 'fp32'} | best of {repeats} | MB: extra peak memory | "
+          f"x: speed-up over each model's first row")
+    print(f"\n{'model':<11}{'path':<9}{'GMACs':>6}{'infer img/s':>12}{'GMAC/s':>7}{'x':>6}{'MB':>6}"
+          f"{'train img/s':>12}{'x':>6}{'MB':>6}")
+    x = torch.randn(batch, 3, size, size, device=device)
+    xt, target = x[:train_batch], torch.randint(0, 1000, (train_batch,), device=device)
     for name in variants:
         ref, ours = twin(name)
-        macs = count_macs(ours, size) / 1e9  # per image
-        paths = {"release": ref, "eager": ours}
+        paths = {"release": ref, "eager": ours} if ref is not None else {"eager": ours}
         if compile:
             paths["compiled"] = create_model(name, compile_attn=True)
             paths["compiled"].load_state_dict(ours.state_dict())
-        base = {}
-        for path, model in paths.items():
-            if model is None:
-                continue
+        infer, train = [], []
+        for model in paths.values():
             model.to(device)
             opt = torch.optim.AdamW(model.parameters())
 
-            def infer():
-                with torch.no_grad(), amp_ctx():
-                    model.eval()(x)
-
-            def train_step():
-                with amp_ctx():
-                    loss = F.cross_entropy(model.train()(xt), target)
-                loss.backward()
+            def train_step(model=model, opt=opt):  # forward + backward + AdamW
+                F.cross_entropy(model.train()(xt), target).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            t_inf, (t_train, mb) = _best_time(infer, device, repeats), measure(train_step)
-            base.setdefault("infer", t_inf), base.setdefault("train", t_train)
+            infer.append(run(lambda model=model: model.eval()(x)))
+            train.append(run(train_step, grad=True))
+        macs = count_macs(ours.cpu(), size) / 1e9  # per image
+        ours.to(device)
+        rows = zip(paths, _measure(infer, device, repeats), _measure(train, device, repeats))
+        for i, (path, (t_inf, mb_inf), (t_train, mb_train)) in enumerate(rows):
+            if i == 0:
+                base_inf, base_train = t_inf, t_train
             print(f"{name:<11}{path:<9}{macs:>6.2f}{batch / t_inf:>12.1f}{macs * batch / t_inf:>7.0f}"
-                  f"{base['infer'] / t_inf:>7.2f}{train_batch / t_train:>12.2f}{base['train'] / t_train:>7.2f}"
-                  f"{mb:>9.0f}")
-            model.cpu()
+                  f"{base_inf / t_inf:>6.2f}{mb_inf:>6.0f}{train_batch / t_train:>12.2f}"
+                  f"{base_train / t_train:>6.2f}{mb_train:>6.0f}")
 
-    print("\nattention layer alone (C=64, 1 head, batch 1, inference): ms | extra peak MB")
-    print(f"{'side':>5}{'tokens':>8}{'RALA':>16}{'softmax (SDPA)':>16}" + ("    release RALA" if release else ""))
+    print(f"\nattention layer alone (C=64, 1 head, batch 1, inference): ms | extra peak MB")
+    print(f"{'side':>5}{'tokens':>8}{'RALA':>15}{'softmax (SDPA)':>15}" + ("   release RALA" if release else ""))
     for side in layer_sides:
         xl = torch.randn(1, 64, side, side, device=device).contiguous(memory_format=torch.channels_last)
         rala_layer = Attention(64, 1, "rala", compile_attn=False).to(device)
         softmax_layer = Attention(64, 1, "softmax", compile_attn=False).to(device)
         cos, sin = RoPE2d(64).to(device)(side, side)
-        calls = [lambda: rala_layer(xl, cos, sin), lambda: softmax_layer(xl, cos, sin)]
+        calls = [run(lambda: rala_layer(xl, cos, sin)), run(lambda: softmax_layer(xl, cos, sin))]
         if release:  # the release's layer, same weights; it takes (x, sin, cos) from its own RoPE
             rel_layer = release.GateLinearAttentionNoSilu(64, 1).to(device)
             rel_layer.load_state_dict(rala_layer.state_dict())
             rel_sin, rel_cos = release.RoPE(64, 1).to(device)((side, side))
-            calls.append(lambda: rel_layer(xl, rel_sin, rel_cos))
-        row = f"{side:>5}{side * side:>8}"
-        for call in calls:
-            with torch.no_grad(), amp_ctx():
-                t, mb = measure(call)
-            row += f"{t * 1e3:>9.2f} |{mb:>5.0f}"
-        print(row)
+            calls.append(run(lambda: rel_layer(xl, rel_sin, rel_cos)))
+        results = _measure(calls, device, repeats)
+        print(f"{side:>5}{side * side:>8}" + "".join(f"{t * 1e3:>9.2f} |{mb:>4.0f}" for t, mb in results))
 
     ref, hybrid = twin(variants[0], features_only=True)
-    print(f"\nhigh resolution, batch 1, inference, {variants[0]} backbone (features_only; release: its stem"
-          f" and stages): s | extra peak MB")
-    print(f"{'input':>10}{'hybrid':>15}{'fully linear':>15}" + ("        release" if ref is not None else ""))
     linear = create_model(variants[0], features_only=True, compile_attn=False, attn=("rala",) * 4)
     linear.load_state_dict(hybrid.state_dict())
     backbones = [hybrid.eval().to(device), linear.eval().to(device)]
-    if ref is not None:
+    if ref is not None:  # the release's backbone: its stem and four stages
         ref.eval().to(device)
-        backbones.append(lambda x: [x := layer(x) for layer in [ref.patch_embed, *ref.layers]])
+        backbones.append(nn.Sequential(ref.patch_embed, *ref.layers))
+    print(f"\nhigh resolution, batch 1, inference, {variants[0]} backbone (features_only): s | extra peak MB")
+    print(f"{'input':>10}{'hybrid':>14}{'fully linear':>14}" + ("       release" if ref is not None else ""))
     for h, w in highres:
-        xh, row = torch.randn(1, 3, h, w, device=device), f"{h}x{w}".rjust(10)
-        for backbone in backbones:
-            with torch.no_grad(), amp_ctx():
-                t, mb = measure(lambda: backbone(xh))
-            row += f"{t:>8.3f} |{mb:>5.0f}"
-        print(row)
+        xh = torch.randn(1, 3, h, w, device=device)
+        results = _measure([run(lambda b=b: b(xh)) for b in backbones], device, repeats)
+        print(f"{h}x{w}".rjust(10) + "".join(f"{t:>8.3f} |{mb:>4.0f}" for t, mb in results))
 
 
 def main(argv=None):
