@@ -23,17 +23,19 @@ State-dict keys are identical to the release's, so its checkpoints load as they 
 (`load_checkpoint`). `python ravlt.py` prints the variant table (params, GMACs, attention kinds).
 """
 import argparse
-import ctypes
 import importlib.util
 import math
 import platform
 import sys
 import time
+import weakref
 from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # -----------------------------------------------------------------------------
 # Config: one value per stage in every tuple
@@ -600,29 +602,44 @@ def _measure(fns, device, repeats):
     return [(t, _peak_mb(fn, device)) for t, fn in zip(best, fns)]
 
 
+class _LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensors created while active: each op's new output storages are counted
+    until freed. Kernels' private scratch buffers are not seen, as with CUDA's allocator stats."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.known = set()  # storages seen as inputs or outputs: counted once, or not at all
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self.known.update(t.untyped_storage()._cdata for t in tensors)  # older tensors: not counted
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+            if storage is not None and storage._cdata not in self.known:
+                self.known.add(storage._cdata)
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, storage._cdata, storage.nbytes())
+        return out
+
+    def _free(self, key, nbytes):
+        self.known.discard(key)
+        self.live -= nbytes
+
+
 def _peak_mb(fn, device):
-    """Extra memory at the peak of one call, in MB. CUDA: the caching allocator's peak. CPU (Linux
-    only): growth of the process's peak resident memory (VmHWM, reset through /proc/self/clear_refs)
-    over its resident memory before the call, so every buffer counts, oneDNN's included."""
+    """Extra memory at the peak of one call of fn, in MB (tensors only; see _LiveTensorBytes)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fn()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, or it would hide new peaks
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _proc_status_kb("VmRSS")
+    with _LiveTensorBytes() as tracker:
         fn()
-        return (_proc_status_kb("VmHWM") - base) / 1024
-    except OSError:
-        return math.nan
-
-
-def _proc_status_kb(key):
-    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key + ":")))
+    return tracker.peak / 2**20
 
 
 def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8, layer_sides=(14, 28, 56, 112),
