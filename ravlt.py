@@ -16,11 +16,13 @@ RAVLT is a four-stage convolutional-transformer hybrid built on RALA (RALA in st
 is large; softmax attention in stages 3-4, where N is small), in four sizes T/S/B/L.
 
 Shape legend: B batch, C channels, H×W feature map, N = H·W tokens (row-major), h heads,
-d = C/h head dim. Maps stay (B, C, H, W) between modules; inside attention each head's tensors
-are (B, h, d, N), which is the 1×1 conv's own memory layout, so no permute is ever needed.
+d = C/h head dim. Maps stay (B, C, H, W) between modules, stored channels-last (each token's C
+channels side by side, which convolutions and LayerNorm like best); inside attention each head's
+tensors are (B, h, d, N) views of that same memory, so no permute ever copies.
 
 State-dict keys are identical to the release's, so its checkpoints load as they are
-(`load_checkpoint`). `python ravlt.py` prints the variant table (params, GMACs, attention kinds).
+(`load_checkpoint`). `python ravlt.py` prints the variant table (params, GMACs, attention kinds);
+`python ravlt.py --bench` measures speed and memory (see README, "Speed").
 """
 import argparse
 import importlib.util
@@ -96,7 +98,7 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1.0 - self.p)  # (B, 1, 1, 1)
-        return x * keep / (1.0 - self.p)
+        return x * (keep / (1.0 - self.p))  # one pass over x, not two
 
 
 class RoPE2d(nn.Module):
