@@ -178,12 +178,12 @@ def rala(q, k, v, cos, sin, eps=1e-6):
         z = 1.0 / (k_tilde.mean(-1, keepdim=True).transpose(-2, -1) @ phi_q + eps)  # (B, h, 1, N)
         # 3. Relative position enters through RoPE on both sides of the product, and
         # 4. the KV buffer: one d×d matrix per head. This contraction is the linear complexity.
-        kv = rope(k_tilde, cos, sin) @ v.transpose(-2, -1) / N  # (B, h, d, N) @ (B, h, N, d) -> (B, h, d, d)
+        kv = rope(k_tilde, cos, sin) @ v.transpose(-2, -1) / N  # (B,h,d,N) @ (B,h,N,d) -> (B,h,d,d)
         del k_tilde
         # 5. Read the buffer with every rotated query and normalise (in place: one temporary fewer).
         #    Token-major (N, d) rows, like SDPA's output, so the result is channels-last memory.
         q_rot = rope(phi_q, cos, sin)  # (B, h, d, N)
-        y = (q_rot.transpose(-2, -1) @ kv).mul_(z.transpose(-2, -1))  # (B, h, N, d) @ (B, h, d, d) -> (B, h, N, d)
+        y = (q_rot.transpose(-2, -1) @ kv).mul_(z.transpose(-2, -1))  # (B,h,N,d) @ (B,h,d,d) -> (B,h,N,d)
     return y.transpose(-2, -1).to(dtype)  # (B, h, d, N)
 
 
@@ -588,19 +588,22 @@ def _machine(device):
 
 
 def _measure(fns, device, repeats):
-    """(best seconds, extra peak MB) of each fn. After a warm-up call each (which also compiles),
-    the timed calls are interleaved, so that a change of load on the machine hits all alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    for fn in fns:
-        fn()
+    """(best seconds per call, extra peak MB) of each fn. A warm-up call each (which also compiles)
+    sets how many calls one timing spans (>= 50 ms, so that short calls are timed reliably); the
+    timings of the fns are interleaved, so that a change of load on the machine hits all alike."""
+    def timed(fn, calls):
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        return (time.perf_counter() - start) / calls
+
+    calls = [max(1, round(0.05 / timed(fn, 1))) for fn in fns]
     best = [math.inf] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            best[i] = min(best[i], time.perf_counter() - start)
+            best[i] = min(best[i], timed(fn, calls[i]))
     return [(t, _peak_mb(fn, device)) for t, fn in zip(best, fns)]
 
 
@@ -644,15 +647,16 @@ def _peak_mb(fn, device):
     return tracker.peak / 2**20
 
 
-def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8, layer_sides=(14, 28, 56, 112),
-          highres=((512, 512), (1024, 1024), (800, 1333)), repeats=3, device="cpu", compile=False,
-          amp=False, release_file=None):
+def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
+          layer_sides=(14, 28, 56, 112), highres=((512, 512), (1024, 1024), (800, 1333)), repeats=3, device="cpu", compile=False,
+          amp=False, release_file=None, sections=("models", "layer", "highres")):
     """Print speed and memory: whole models, the attention layer alone, and high-resolution backbones."""
     device = torch.device(device)
     release = None
     if release_file:  # the official RALA.py, loaded from the user's copy (it needs timm, einops, fvcore)
         spec = importlib.util.spec_from_file_location("release_rala", release_file)
-        release = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # timm's registry wants it
+        release = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = release  # timm's model registry looks the module up there
         spec.loader.exec_module(release)
 
     def run(fn, grad=False):  # fn under the benchmark's precision, without autograd unless training
@@ -671,71 +675,77 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8, la
     print(f"{_machine(device)} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
           f"{'bf16 autocast' if amp else 'fp32'} | best of {repeats} | MB: extra peak memory | "
           f"x: speed-up over each model's first row")
-    print(f"\n{'model':<11}{'path':<9}{'GMACs':>6}{'infer img/s':>12}{'GMAC/s':>7}{'x':>6}{'MB':>6}"
-          f"{'train img/s':>12}{'x':>6}{'MB':>6}")
-    x = torch.randn(batch, 3, size, size, device=device)
-    xt, target = x[:train_batch], torch.randint(0, 1000, (train_batch,), device=device)
-    for name in variants:
-        ref, ours = twin(name)
-        paths = {"release": ref, "eager": ours} if ref is not None else {"eager": ours}
-        if compile:
-            paths["compiled"] = create_model(name, compile_attn=True)
-            paths["compiled"].load_state_dict(ours.state_dict())
-        infer, train = [], []
-        for model in paths.values():
-            model.to(device)
-            opt = torch.optim.AdamW(model.parameters())
+    if "models" in sections:
+        print(f"\n{'model':<11}{'path':<9}{'GMACs':>6}{'infer img/s':>12}{'GMAC/s':>7}{'x':>6}{'MB':>6}"
+              f"{'train img/s':>12}{'x':>6}{'MB':>6}")
+        x = torch.randn(batch, 3, size, size, device=device)
+        xt, target = x[:train_batch], torch.randint(0, 1000, (train_batch,), device=device)
+        for name in variants:
+            ref, ours = twin(name)
+            paths = {"release": ref, "eager": ours} if ref is not None else {"eager": ours}
+            if compile:
+                paths["compiled"] = create_model(name, compile_attn=True)
+                paths["compiled"].load_state_dict(ours.state_dict())
+            infer, train = [], []
+            for model in paths.values():
+                model.to(device)
+                opt = torch.optim.AdamW(model.parameters())
 
-            def train_step(model=model, opt=opt):  # forward + backward + AdamW
-                F.cross_entropy(model.train()(xt), target).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                def train_step(model=model, opt=opt):  # forward + backward + AdamW
+                    F.cross_entropy(model.train()(xt), target).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
 
-            infer.append(run(lambda model=model: model.eval()(x)))
-            train.append(run(train_step, grad=True))
-        macs = count_macs(ours.cpu(), size) / 1e9  # per image
-        ours.to(device)
-        rows = zip(paths, _measure(infer, device, repeats), _measure(train, device, repeats))
-        for i, (path, (t_inf, mb_inf), (t_train, mb_train)) in enumerate(rows):
-            if i == 0:
-                base_inf, base_train = t_inf, t_train
-            print(f"{name:<11}{path:<9}{macs:>6.2f}{batch / t_inf:>12.1f}{macs * batch / t_inf:>7.0f}"
-                  f"{base_inf / t_inf:>6.2f}{mb_inf:>6.0f}{train_batch / t_train:>12.2f}"
-                  f"{base_train / t_train:>6.2f}{mb_train:>6.0f}")
+                infer.append(run(lambda model=model: model.eval()(x)))
+                train.append(run(train_step, grad=True))
+            macs = count_macs(ours.cpu(), size) / 1e9  # per image
+            ours.to(device)
+            rows = zip(paths, _measure(infer, device, repeats), _measure(train, device, repeats))
+            for i, (path, (t_inf, mb_inf), (t_train, mb_train)) in enumerate(rows):
+                if i == 0:
+                    base_inf, base_train = t_inf, t_train
+                print(f"{name:<11}{path:<9}{macs:>6.2f}{batch / t_inf:>12.1f}{macs * batch / t_inf:>7.0f}"
+                      f"{base_inf / t_inf:>6.2f}{mb_inf:>6.0f}{train_batch / t_train:>12.2f}"
+                      f"{base_train / t_train:>6.2f}{mb_train:>6.0f}")
 
-    print(f"\nattention layer alone (C=64, 1 head, batch 1, inference): ms | extra peak MB")
-    print(f"{'side':>5}{'tokens':>8}{'RALA':>15}{'softmax (SDPA)':>15}" + ("   release RALA" if release else ""))
-    for side in layer_sides:
-        xl = torch.randn(1, 64, side, side, device=device).contiguous(memory_format=torch.channels_last)
-        rala_layer = Attention(64, 1, "rala", compile_attn=False).to(device)
-        softmax_layer = Attention(64, 1, "softmax", compile_attn=False).to(device)
-        cos, sin = RoPE2d(64).to(device)(side, side)
-        calls = [run(lambda: rala_layer(xl, cos, sin)), run(lambda: softmax_layer(xl, cos, sin))]
-        if release:  # the release's layer, same weights; it takes (x, sin, cos) from its own RoPE
-            rel_layer = release.GateLinearAttentionNoSilu(64, 1).to(device)
-            rel_layer.load_state_dict(rala_layer.state_dict())
-            rel_sin, rel_cos = release.RoPE(64, 1).to(device)((side, side))
-            calls.append(run(lambda: rel_layer(xl, rel_sin, rel_cos)))
-        results = _measure(calls, device, repeats)
-        print(f"{side:>5}{side * side:>8}" + "".join(f"{t * 1e3:>9.2f} |{mb:>4.0f}" for t, mb in results))
+    if "layer" in sections:
+        print(f"\nattention layer alone (C=64, 1 head, batch 1, inference): ms | extra peak MB")
+        print(f"{'side':>5}{'tokens':>8}{'RALA':>15}{'softmax (SDPA)':>15}"
+              + ("   release RALA" if release else ""))
+        for side in layer_sides:
+            xl = torch.randn(1, side, side, 64, device=device).permute(0, 3, 1, 2)  # channels-last
+            rala_layer = Attention(64, 1, "rala", compile_attn=False).to(device)
+            softmax_layer = Attention(64, 1, "softmax", compile_attn=False).to(device)
+            cos, sin = RoPE2d(64).to(device)(side, side)
+            calls = [run(lambda: rala_layer(xl, cos, sin)), run(lambda: softmax_layer(xl, cos, sin))]
+            if release:  # the release's layer, same weights; it takes (x, sin, cos) from its own RoPE
+                rel_layer = release.GateLinearAttentionNoSilu(64, 1).to(device)
+                rel_layer.load_state_dict(rala_layer.state_dict())
+                rel_sin, rel_cos = release.RoPE(64, 1).to(device)((side, side))
+                calls.append(run(lambda: rel_layer(xl, rel_sin, rel_cos)))
+            results = _measure(calls, device, repeats)
+            print(f"{side:>5}{side * side:>8}" + "".join(f"{t * 1e3:>9.2f} |{m:>4.0f}" for t, m in results))
 
-    ref, hybrid = twin(variants[0], features_only=True)
-    linear = create_model(variants[0], features_only=True, compile_attn=False, attn=("rala",) * 4)
-    linear.load_state_dict(hybrid.state_dict())
-    backbones = [hybrid.eval().to(device), linear.eval().to(device)]
-    if ref is not None:  # the release's backbone: its stem and four stages
-        ref.eval().to(device)
-        backbones.append(nn.Sequential(ref.patch_embed, *ref.layers))
-    print(f"\nhigh resolution, batch 1, inference, {variants[0]} backbone (features_only): s | extra peak MB")
-    print(f"{'input':>10}{'hybrid':>14}{'fully linear':>14}" + ("       release" if ref is not None else ""))
-    for h, w in highres:
-        xh = torch.randn(1, 3, h, w, device=device)
-        results = _measure([run(lambda b=b: b(xh)) for b in backbones], device, repeats)
-        print(f"{h}x{w}".rjust(10) + "".join(f"{t:>8.3f} |{mb:>4.0f}" for t, mb in results))
+    if "highres" in sections:
+        ref, hybrid = twin(variants[0], features_only=True)
+        linear = create_model(variants[0], features_only=True, compile_attn=False, attn=("rala",) * 4)
+        linear.load_state_dict(hybrid.state_dict())
+        backbones = [hybrid.eval().to(device), linear.eval().to(device)]
+        if ref is not None:  # the release's backbone: its stem and four stages
+            ref.eval().to(device)
+            backbones.append(nn.Sequential(ref.patch_embed, *ref.layers))
+        print(f"\nhigh resolution, batch 1, inference, {variants[0]} backbone (features_only): "
+              "s | extra peak MB")
+        print(f"{'input':>10}{'hybrid':>14}{'fully linear':>14}"
+              + ("       release" if ref is not None else ""))
+        for h, w in highres:
+            xh = torch.randn(1, 3, h, w, device=device)
+            results = _measure([run(lambda b=b: b(xh)) for b in backbones], device, repeats)
+            print(f"{h}x{w}".rjust(10) + "".join(f"{t:>8.3f} |{mb:>4.0f}" for t, mb in results))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print the RAVLT variant table, or benchmark with --bench.")
+    parser = argparse.ArgumentParser(description="Print the RAVLT variant table; --bench: speed, memory.")
     parser.add_argument("--input-size", type=int, default=224, help="image side in pixels (default 224)")
     parser.add_argument("--bench", action="store_true", help="measure speed and memory (see README)")
     parser.add_argument("--quick", action="store_true", help="with --bench: tiny sizes, a smoke test")
@@ -744,8 +754,11 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (best kept)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action="store_true", help="also time compile_attn=True (default on CUDA)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time compile_attn=True (always on CUDA)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--sections", nargs="+", default=["models", "layer", "highres"],
+                        choices=["models", "layer", "highres"], help="parts of the benchmark to run")
     parser.add_argument("--release-file", help="path of the release's RALA.py, to time it side by side"
                         " on the same weights (needs timm, einops and fvcore installed)")
     args = parser.parse_args(argv)
@@ -755,10 +768,11 @@ def main(argv=None):
         compile = args.compile or args.device.startswith("cuda")
         if args.quick:  # every code path once, in seconds
             bench(("ravlt_nano",), 64, 2, 2, (8, 16), ((64, 64), (96, 128)), 1, args.device, compile,
-                  args.amp, args.release_file)
+                  args.amp, args.release_file, args.sections)
         else:
-            bench(args.variants, args.input_size, args.batch, max(1, args.batch // 2), repeats=args.repeats,
-                  device=args.device, compile=compile, amp=args.amp, release_file=args.release_file)
+            bench(args.variants, args.input_size, args.batch, max(1, args.batch // 2),
+                  repeats=args.repeats, device=args.device, compile=compile, amp=args.amp, release_file=args.release_file,
+                  sections=args.sections)
         return
     print(f"{'model':<11} {'params':>12} {'GMACs@' + str(args.input_size):>10}  attention (stages 1-4)")
     for name, params, gmacs, kinds in variant_table(args.input_size):
