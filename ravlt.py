@@ -648,8 +648,8 @@ def _peak_mb(fn, device):
 
 
 def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
-          layer_sides=(14, 28, 56, 112), highres=((512, 512), (1024, 1024), (800, 1333)), repeats=3, device="cpu", compile=False,
-          amp=False, release_file=None, sections=("models", "layer", "highres")):
+          layer_sides=(14, 28, 56, 112), highres=((512, 512), (1024, 1024), (800, 1333)), repeats=3,
+          device="cpu", compile=False, amp=False, release_file=None, sections=("models", "layer", "highres")):
     """Print speed and memory: whole models, the attention layer alone, and high-resolution backbones."""
     device = torch.device(device)
     release = None
@@ -724,7 +724,8 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
                 rel_sin, rel_cos = release.RoPE(64, 1).to(device)((side, side))
                 calls.append(run(lambda: rel_layer(xl, rel_sin, rel_cos)))
             results = _measure(calls, device, repeats)
-            print(f"{side:>5}{side * side:>8}" + "".join(f"{t * 1e3:>9.2f} |{m:>4.0f}" for t, m in results))
+            print(f"{side:>5}{side * side:>8}"
+                  + "".join(f"{t * 1e3:>9.2f} |{m:>4.0f}" for t, m in results))
 
     if "highres" in sections:
         ref, hybrid = twin(variants[0], features_only=True)
@@ -771,8 +772,8 @@ def main(argv=None):
                   args.amp, args.release_file, args.sections)
         else:
             bench(args.variants, args.input_size, args.batch, max(1, args.batch // 2),
-                  repeats=args.repeats, device=args.device, compile=compile, amp=args.amp, release_file=args.release_file,
-                  sections=args.sections)
+                  repeats=args.repeats, device=args.device, compile=compile, amp=args.amp,
+                  release_file=args.release_file, sections=args.sections)
         return
     print(f"{'model':<11} {'params':>12} {'GMACs@' + str(args.input_size):>10}  attention (stages 1-4)")
     for name, params, gmacs, kinds in variant_table(args.input_size):
