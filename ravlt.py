@@ -609,7 +609,7 @@ def _measure(fns, device, repeats):
 
 class _LiveTensorBytes(TorchDispatchMode):
     """Peak bytes of the tensors created while active: each op's new output storages are counted
-    until freed. Kernels' private scratch buffers are not seen, as with CUDA's allocator stats."""
+    until freed. Scratch buffers private to a kernel (oneDNN's, for one) are not seen."""
 
     def __init__(self):
         super().__init__()

@@ -116,7 +116,7 @@ def test_bf16_autocast_stays_within_one_percent_of_fp32():
 
 
 def test_bench_quick_runs_and_prints_every_section(capsys):
-    ravlt.main(["--bench", "--quick"])
+    ravlt.main(["--bench", "--quick", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "torch " + torch.__version__ in out
     rows = [line.split() for line in out.splitlines()]
