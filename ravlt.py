@@ -16,19 +16,28 @@ RAVLT is a four-stage convolutional-transformer hybrid built on RALA (RALA in st
 is large; softmax attention in stages 3-4, where N is small), in four sizes T/S/B/L.
 
 Shape legend: B batch, C channels, H×W feature map, N = H·W tokens (row-major), h heads,
-d = C/h head dim. Maps stay (B, C, H, W) between modules; inside attention each head's tensors
-are (B, h, d, N), which is the 1×1 conv's own memory layout, so no permute is ever needed.
+d = C/h head dim. Maps stay (B, C, H, W) between modules, stored channels-last (each token's C
+channels side by side, which convolutions and LayerNorm like best); inside attention each head's
+tensors are (B, h, d, N) views of that same memory, so no permute ever copies.
 
 State-dict keys are identical to the release's, so its checkpoints load as they are
-(`load_checkpoint`). `python ravlt.py` prints the variant table (params, GMACs, attention kinds).
+(`load_checkpoint`). `python ravlt.py` prints the variant table (params, GMACs, attention kinds);
+`python ravlt.py --bench` measures speed and memory (see README, "Speed").
 """
 import argparse
+import importlib.util
 import math
+import platform
+import sys
+import time
+import weakref
 from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # -----------------------------------------------------------------------------
 # Config: one value per stage in every tuple
@@ -63,9 +72,19 @@ class LayerNorm2d(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x):
-        # channels-last view -> LayerNorm's fused kernel -> back; the result stays channels-last
-        # in memory, which the following 1×1 conv reads as efficiently as contiguous NCHW.
+        # The model runs channels-last (see RAVLT.forward_stages), so both permutes are free views
+        # and LayerNorm's fused kernel reads each token's C channels contiguously.
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def conv_plus_identity(conv, x):
+    """x + conv(x) for a depthwise 3×3 conv, as one conv whose kernel has 1 added at its centre.
+
+    Saves a full read-write pass over x, the widest tensor of a block (inside the FFN).
+    """
+    identity = torch.zeros_like(conv.weight)  # (C, 1, 3, 3)
+    identity[:, :, 1, 1] = 1.0
+    return F.conv2d(x, conv.weight + identity, conv.bias, padding=1, groups=conv.groups)
 
 
 class DropPath(nn.Module):
@@ -79,7 +98,7 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1.0 - self.p)  # (B, 1, 1, 1)
-        return x * keep / (1.0 - self.p)
+        return x * (keep / (1.0 - self.p))  # one pass over x, not two
 
 
 class RoPE2d(nn.Module):
@@ -100,22 +119,28 @@ class RoPE2d(nn.Module):
     def forward(self, H, W):
         rows = torch.arange(H, device=self.angle.device, dtype=self.angle.dtype)
         cols = torch.arange(W, device=self.angle.device, dtype=self.angle.dtype)
-        ang_r = (rows[:, None] * self.angle).T[:, :, None].expand(-1, H, W)  # (d/2, H, W)
-        ang_c = (cols[:, None] * self.angle).T[:, None, :].expand(-1, H, W)  # (d/2, H, W)
-        angle = torch.cat([ang_r, ang_c]).flatten(1)  # (d, N): token n = r·W + c
-        sign = torch.tensor([-1.0, 1.0], device=angle.device).repeat(angle.shape[0] // 2)  # (d,)
-        return angle.cos(), angle.sin() * sign[:, None]  # (d, N), (d, N)
+        ang_r = (rows[:, None] * self.angle)[:, None, :].expand(H, W, -1)  # (H, W, d/2)
+        ang_c = (cols[:, None] * self.angle)[None, :, :].expand(H, W, -1)  # (H, W, d/2)
+        angle = torch.cat([ang_r, ang_c], dim=-1).flatten(0, 1)  # (N, d): token n = r·W + c
+        sign = torch.tensor([-1.0, 1.0], device=angle.device).repeat(angle.shape[1] // 2)  # (d,)
+        # (d, N) views of (N, d) memory: the same layout as the channels-last q and k
+        return angle.cos().T, (angle.sin() * sign).T  # (d, N), (d, N)
 
 
 def rope(x, cos, sin):
-    """Rotate channel pairs (2i, 2i+1) of x (..., d, N): out[2i] = x[2i]cos - x[2i+1]sin, etc."""
-    swapped = x.unflatten(-2, (-1, 2)).flip(-2).flatten(-3, -2)  # (..., d, N): x1, x0, x3, x2, ...
-    return x * cos + swapped * sin
+    """x·cos + swap(x)·sin on channel pairs of x (..., d, N), i.e. for every pair (2i, 2i+1):
+    out[2i] = x[2i]·cos - x[2i+1]·sin,  out[2i+1] = x[2i+1]·cos + x[2i]·sin."""
+    out = x * cos  # (..., d, N)
+    # The swap term is added in place, pair by pair: no swapped copy of x is ever made.
+    xp, op, sp = (t.unflatten(-2, (-1, 2)) for t in (x, out, sin))  # (..., d/2, 2, N)
+    op[..., 0, :].addcmul_(xp[..., 1, :], sp[..., 0, :])  # out[2i]   += x[2i+1]·(-sin)
+    op[..., 1, :].addcmul_(xp[..., 0, :], sp[..., 1, :])  # out[2i+1] += x[2i]·sin
+    return out
 
 
 def phi(x):
     """The linear-attention feature map φ(x) = ELU(x) + 1 (positive, so the normaliser is > 0)."""
-    return F.elu(x) + 1.0
+    return F.elu(x).add_(1.0)  # in place: one fewer N×d temporary (ELU's backward needs only x)
 
 
 # -----------------------------------------------------------------------------
@@ -148,15 +173,18 @@ def rala(q, k, v, cos, sin, eps=1e-6):
         q_bar = phi_q.mean(-1, keepdim=True)  # (B, h, d, 1)
         alpha = torch.softmax(scale * q_bar.transpose(-2, -1) @ phi_k, dim=-1)  # (B, h, 1, N)
         k_tilde = phi_k * (alpha * N)  # (B, h, d, N); ×N keeps the mean weight at 1
+        del phi_k  # free what is done: the N×d temporaries below set the layer's peak memory
         # 2. Normaliser from the un-rotated φ(q) (RoPE could make the dot product negative)
         z = 1.0 / (k_tilde.mean(-1, keepdim=True).transpose(-2, -1) @ phi_q + eps)  # (B, h, 1, N)
-        # 3. Relative position enters through RoPE on both sides of the product
-        q_rot, k_rot = rope(phi_q, cos, sin), rope(k_tilde, cos, sin)  # (B, h, d, N)
-        # 4. The KV buffer: one d×d matrix per head. This contraction is the linear complexity.
-        kv = (k_rot @ v.transpose(-2, -1)) / N  # (B, h, d, N) @ (B, h, N, d) -> (B, h, d, d)
-        # 5. Read the buffer with every query and normalise
-        y = (kv.transpose(-2, -1) @ q_rot) * z  # (B, h, d, d) @ (B, h, d, N) -> (B, h, d, N)
-    return y.to(dtype)
+        # 3. Relative position enters through RoPE on both sides of the product, and
+        # 4. the KV buffer: one d×d matrix per head. This contraction is the linear complexity.
+        kv = rope(k_tilde, cos, sin) @ v.transpose(-2, -1) / N  # (B,h,d,N) @ (B,h,N,d) -> (B,h,d,d)
+        del k_tilde
+        # 5. Read the buffer with every rotated query and normalise (in place: one temporary fewer).
+        #    Token-major (N, d) rows, like SDPA's output, so the result is channels-last memory.
+        q_rot = rope(phi_q, cos, sin)  # (B, h, d, N)
+        y = (q_rot.transpose(-2, -1) @ kv).mul_(z.transpose(-2, -1))  # (B,h,N,d) @ (B,h,d,d) -> (B,h,N,d)
+    return y.transpose(-2, -1).to(dtype)  # (B, h, d, N)
 
 
 def rala_matrix(q, k, cos, sin, eps=1e-6):
@@ -180,9 +208,11 @@ def rala_matrix(q, k, cos, sin, eps=1e-6):
 def softmax_attention(q, k, v, cos, sin):
     """Softmax attention with RoPE on q and k (stages 3-4): Y = softmax(d^-½ q kᵀ) v."""
     q, k = rope(q, cos, sin), rope(k, cos, sin)  # (B, h, d, N)
-    # SDPA never materialises the N×N matrix (flash / memory-efficient kernels)
-    y = F.scaled_dot_product_attention(q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1))
-    return y.transpose(-2, -1)  # (B, h, N, d) -> (B, h, d, N)
+    q, k, v = (t.transpose(-2, -1) for t in (q, k, v))  # (B, h, N, d)
+    # SDPA's fused kernels never build the N×N matrix, but they need the head dim contiguous: true
+    # for the model's channels-last views, not for a (B, h, d, N)-contiguous tensor (math fallback)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(-2, -1)  # (B, h, N, d) -> (B, h, d, N)
 
 
 def softmax_matrix(q, k, cos, sin):
@@ -217,24 +247,31 @@ class Attention(nn.Module):
         self.lepe = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)  # local positional term on v
         self.proj = nn.Conv2d(dim, dim, 1)
 
-    def _qkvo(self, x):
+    def _group(self, x, i):
+        """Group i of the qkvo conv (0 q, 1 k, 2 v, 3 o) as (B, h, d, N): a 1×1 conv with that slice
+        of the weights (same numbers as one 4C conv), so each comes out dense instead of a strided
+        slice (element-wise kernels run several times faster on dense memory) and only when needed."""
         B, C, H, W = x.shape
-        q, k, v, o = self.qkvo(x).chunk(4, dim=1)  # 4 × (B, C, H, W)
-        heads = (B, self.num_heads, C // self.num_heads, H * W)
-        return q.reshape(heads), k.reshape(heads), v.reshape(heads), v, o  # (B, h, d, N) ×3
+        y = F.conv2d(x, self.qkvo.weight[i * C:(i + 1) * C], self.qkvo.bias[i * C:(i + 1) * C])
+        return y.reshape(B, self.num_heads, C // self.num_heads, H * W)  # (B, h, d, N)
 
     def forward(self, x, cos, sin):
-        q, k, v, v_map, o = self._qkvo(x)
+        B, C, H, W = x.shape
         use_compiled = x.is_cuda if self.compile_attn is None else self.compile_attn
         core = _compiled(self.kind) if use_compiled else _CORES[self.kind]
-        y = core(q, k, v, cos, sin).reshape(x.shape)  # (B, h, d, N) -> (B, C, H, W)
-        # Output-feature rank augmentation: the element-wise gate o lifts Y out of its rank-d space
-        return self.proj(o * (y + self.lepe(v_map)))
+        v = self._group(x, 2)
+        y = core(self._group(x, 0), self._group(x, 1), v, cos, sin)  # (B, h, d, N); q, k freed after
+        # back to a channels-last map: a free view unless the heads' outputs lie apart in memory
+        y = y.permute(0, 3, 1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+        y = y + self.lepe(v.reshape(x.shape))  # (B, C, H, W)
+        # Output-feature rank augmentation: the element-wise gate o lifts Y out of its rank-d space.
+        # o is computed only now, so it never coexists with the core's temporaries.
+        return self.proj(self._group(x, 3).reshape(x.shape) * y)
 
     @torch.no_grad()
     def attention_matrix(self, x, cos, sin):
         """The N×N matrix this layer applies to v, (B, h, N, N): for inspection and teaching."""
-        q, k, *_ = self._qkvo(x)
+        q, k = self._group(x, 0), self._group(x, 1)
         return rala_matrix(q, k, cos, sin) if self.kind == "rala" else softmax_matrix(q, k, cos, sin)
 
 
@@ -253,7 +290,7 @@ class FFN(nn.Module):
 
     def forward(self, x):
         x = F.gelu(self.fc1(x))  # (B, F, H, W)
-        return self.fc2(x + self.dwconv(x))  # (B, C, H, W)
+        return self.fc2(conv_plus_identity(self.dwconv, x))  # x + dwconv(x): (B, C, H, W)
 
 
 class Block(nn.Module):
@@ -271,9 +308,10 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x, cos, sin):
-        x = x + self.pos(x)
-        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), cos, sin))
-        return x + self.drop_path(self.gamma_2 * self.ffn(self.norm2(x)))
+        x = x + self.pos(x)  # not folded like the FFN's: the residual stream stays fp32 under autocast
+        # addcmul computes x + γ·branch in one pass (DropPath commutes with the per-channel γ)
+        x = torch.addcmul(x, self.gamma_1, self.drop_path(self.attn(self.norm1(x), cos, sin)))
+        return torch.addcmul(x, self.gamma_2, self.drop_path(self.ffn(self.norm2(x))))
 
 
 class Downsample(nn.Module):
@@ -377,7 +415,9 @@ class RAVLT(nn.Module):
     def forward_stages(self, x):
         """The four stage outputs (strides 4, 8, 16, 32, rounded up), taken before downsampling."""
         self._check_input(x)
-        x = self.patch_embed.proj(x)  # (B, C1, H/4, W/4)
+        # Channels-last memory (shape unchanged): oneDNN convolutions run faster on it, and
+        # LayerNorm over channels becomes a contiguous reduction.
+        x = self.patch_embed.proj(x.contiguous(memory_format=torch.channels_last))  # (B, C1, H/4, W/4)
         features = []
         for stage in self.layers:
             x = stage(x)
@@ -486,6 +526,9 @@ VARIANTS = {
 }
 
 
+RELEASED = ("ravlt_t", "ravlt_s", "ravlt_b", "ravlt_l")  # the variants with official checkpoints
+
+
 def create_model(name, pretrained=None, features_only=False, compile_attn=None, norm_eval=False,
                  **overrides):
     """Build a RAVLT variant: create_model("ravlt_t", num_classes=10, attn=("rala",) * 4).
@@ -534,10 +577,207 @@ def variant_table(size=224):
     return rows
 
 
+# -----------------------------------------------------------------------------
+# Benchmark: `python ravlt.py --bench` (see README, "Speed")
+
+
+def _machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # Linux names the CPU model here; elsewhere fall back to the platform module
+        return next(l.split(":")[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def _measure(fns, device, repeats):
+    """(best seconds per call, extra peak MB) of each fn. A warm-up call each (which also compiles)
+    sets how many calls one timing spans (>= 50 ms, so that short calls are timed reliably); the
+    timings of the fns are interleaved, so that a change of load on the machine hits all alike."""
+    def timed(fn, calls):
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        return (time.perf_counter() - start) / calls
+
+    calls = [max(1, round(0.05 / timed(fn, 1))) for fn in fns]
+    best = [math.inf] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], timed(fn, calls[i]))
+    return [(t, _peak_mb(fn, device)) for t, fn in zip(best, fns)]
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensors created while active: each op's new output storages are counted
+    until freed. Scratch buffers private to a kernel (oneDNN's, for one) are not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.known = set()  # storages seen as inputs or outputs: counted once, or not at all
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self.known.update(t.untyped_storage()._cdata for t in tensors)  # older tensors: not counted
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+            if storage is not None and storage._cdata not in self.known:
+                self.known.add(storage._cdata)
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, storage._cdata, storage.nbytes())
+        return out
+
+    def _free(self, key, nbytes):
+        self.known.discard(key)
+        self.live -= nbytes
+
+
+def _peak_mb(fn, device):
+    """Extra memory at the peak of one call of fn, in MB (tensors only; see _LiveTensorBytes)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with _LiveTensorBytes() as tracker:
+        fn()
+    return tracker.peak / 2**20
+
+
+def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
+          layer_sides=(14, 28, 56, 112), highres=((512, 512), (1024, 1024), (800, 1333)), repeats=3,
+          device="cpu", compile=False, amp=False, release_file=None, sections=("models", "layer", "highres")):
+    """Print speed and memory: whole models, the attention layer alone, and high-resolution backbones."""
+    device = torch.device(device)
+    release = None
+    if release_file:  # the official RALA.py, loaded from the user's copy (it needs timm, einops, fvcore)
+        spec = importlib.util.spec_from_file_location("release_rala", release_file)
+        release = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = release  # timm's model registry looks the module up there
+        spec.loader.exec_module(release)
+
+    def run(fn, grad=False):  # fn under the benchmark's precision, without autograd unless training
+        def call():
+            with torch.set_grad_enabled(grad), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                return fn()
+        return call
+
+    def twin(name, **kw):  # the release's model (when given) and ours, with the same weights
+        ref = getattr(release, "RAVLT_" + name[-1].upper())() if release and name in RELEASED else None
+        ours = create_model(name, compile_attn=False, **kw)
+        if ref is not None:
+            ours.load_state_dict(ref.state_dict(), strict=not ours.features_only)
+        return ref, ours
+
+    print(f"{_machine(device)} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
+          f"{'bf16 autocast' if amp else 'fp32'} | best of {repeats} | MB: extra peak memory | "
+          f"x: speed-up over each model's first row")
+    if "models" in sections:
+        print(f"\n{'model':<11}{'path':<9}{'GMACs':>6}{'infer img/s':>12}{'GMAC/s':>7}{'x':>6}{'MB':>6}"
+              f"{'train img/s':>12}{'x':>6}{'MB':>6}")
+        x = torch.randn(batch, 3, size, size, device=device)
+        xt, target = x[:train_batch], torch.randint(0, 1000, (train_batch,), device=device)
+        for name in variants:
+            ref, ours = twin(name)
+            paths = {"release": ref, "eager": ours} if ref is not None else {"eager": ours}
+            if compile:
+                paths["compiled"] = create_model(name, compile_attn=True)
+                paths["compiled"].load_state_dict(ours.state_dict())
+            infer, train = [], []
+            for model in paths.values():
+                model.to(device)
+                opt = torch.optim.AdamW(model.parameters())
+
+                def train_step(model=model, opt=opt):  # forward + backward + AdamW
+                    F.cross_entropy(model.train()(xt), target).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+                infer.append(run(lambda model=model: model.eval()(x)))
+                train.append(run(train_step, grad=True))
+            macs = count_macs(ours.cpu(), size) / 1e9  # per image
+            ours.to(device)
+            rows = zip(paths, _measure(infer, device, repeats), _measure(train, device, repeats))
+            for i, (path, (t_inf, mb_inf), (t_train, mb_train)) in enumerate(rows):
+                if i == 0:
+                    base_inf, base_train = t_inf, t_train
+                print(f"{name:<11}{path:<9}{macs:>6.2f}{batch / t_inf:>12.1f}{macs * batch / t_inf:>7.0f}"
+                      f"{base_inf / t_inf:>6.2f}{mb_inf:>6.0f}{train_batch / t_train:>12.2f}"
+                      f"{base_train / t_train:>6.2f}{mb_train:>6.0f}")
+
+    if "layer" in sections:
+        print(f"\nattention layer alone (C=64, 1 head, batch 1, inference): ms | extra peak MB")
+        print(f"{'side':>5}{'tokens':>8}{'RALA':>15}{'softmax (SDPA)':>15}"
+              + ("   release RALA" if release else ""))
+        for side in layer_sides:
+            xl = torch.randn(1, side, side, 64, device=device).permute(0, 3, 1, 2)  # channels-last
+            rala_layer = Attention(64, 1, "rala", compile_attn=False).to(device)
+            softmax_layer = Attention(64, 1, "softmax", compile_attn=False).to(device)
+            cos, sin = RoPE2d(64).to(device)(side, side)
+            calls = [run(lambda: rala_layer(xl, cos, sin)), run(lambda: softmax_layer(xl, cos, sin))]
+            if release:  # the release's layer, same weights; it takes (x, sin, cos) from its own RoPE
+                rel_layer = release.GateLinearAttentionNoSilu(64, 1).to(device)
+                rel_layer.load_state_dict(rala_layer.state_dict())
+                rel_sin, rel_cos = release.RoPE(64, 1).to(device)((side, side))
+                calls.append(run(lambda: rel_layer(xl, rel_sin, rel_cos)))
+            results = _measure(calls, device, repeats)
+            print(f"{side:>5}{side * side:>8}"
+                  + "".join(f"{t * 1e3:>9.2f} |{m:>4.0f}" for t, m in results))
+
+    if "highres" in sections:
+        ref, hybrid = twin(variants[0], features_only=True)
+        linear = create_model(variants[0], features_only=True, compile_attn=False, attn=("rala",) * 4)
+        linear.load_state_dict(hybrid.state_dict())
+        backbones = [hybrid.eval().to(device), linear.eval().to(device)]
+        if ref is not None:  # the release's backbone: its stem and four stages
+            ref.eval().to(device)
+            backbones.append(nn.Sequential(ref.patch_embed, *ref.layers))
+        print(f"\nhigh resolution, batch 1, inference, {variants[0]} backbone (features_only): "
+              "s | extra peak MB")
+        print(f"{'input':>10}{'hybrid':>14}{'fully linear':>14}"
+              + ("       release" if ref is not None else ""))
+        for h, w in highres:
+            xh = torch.randn(1, 3, h, w, device=device)
+            results = _measure([run(lambda b=b: b(xh)) for b in backbones], device, repeats)
+            print(f"{h}x{w}".rjust(10) + "".join(f"{t:>8.3f} |{mb:>4.0f}" for t, mb in results))
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print the RAVLT variant table.")
+    parser = argparse.ArgumentParser(description="Print the RAVLT variant table; --bench: speed, memory.")
     parser.add_argument("--input-size", type=int, default=224, help="image side in pixels (default 224)")
+    parser.add_argument("--bench", action="store_true", help="measure speed and memory (see README)")
+    parser.add_argument("--quick", action="store_true", help="with --bench: tiny sizes, a smoke test")
+    parser.add_argument("--variants", nargs="+", default=["ravlt_t", "ravlt_s"], choices=list(VARIANTS))
+    parser.add_argument("--batch", type=int, default=16, help="inference batch (training uses half)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (best kept)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time compile_attn=True (always on CUDA)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--sections", nargs="+", default=["models", "layer", "highres"],
+                        choices=["models", "layer", "highres"], help="parts of the benchmark to run")
+    parser.add_argument("--release-file", help="path of the release's RALA.py, to time it side by side"
+                        " on the same weights (needs timm, einops and fvcore installed)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.bench:
+        compile = args.compile or args.device.startswith("cuda")
+        if args.quick:  # every code path once, in seconds
+            bench(("ravlt_nano",), 64, 2, 2, (8, 16), ((64, 64), (96, 128)), 1, args.device, compile,
+                  args.amp, args.release_file, args.sections)
+        else:
+            bench(args.variants, args.input_size, args.batch, max(1, args.batch // 2),
+                  repeats=args.repeats, device=args.device, compile=compile, amp=args.amp,
+                  release_file=args.release_file, sections=args.sections)
+        return
     print(f"{'model':<11} {'params':>12} {'GMACs@' + str(args.input_size):>10}  attention (stages 1-4)")
     for name, params, gmacs, kinds in variant_table(args.input_size):
         print(f"{name:<11} {params:>12,} {gmacs:>10.3f}  {kinds}")
