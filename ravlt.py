@@ -127,15 +127,33 @@ class RoPE2d(nn.Module):
         return angle.cos().T, (angle.sin() * sign).T  # (d, N), (d, N)
 
 
-def rope(x, cos, sin):
-    """x·cos + swap(x)·sin on channel pairs of x (..., d, N), i.e. for every pair (2i, 2i+1):
-    out[2i] = x[2i]·cos - x[2i+1]·sin,  out[2i+1] = x[2i+1]·cos + x[2i]·sin."""
+def _rotate(x, cos, sin):
     out = x * cos  # (..., d, N)
     # The swap term is added in place, pair by pair: no swapped copy of x is ever made.
     xp, op, sp = (t.unflatten(-2, (-1, 2)) for t in (x, out, sin))  # (..., d/2, 2, N)
     op[..., 0, :].addcmul_(xp[..., 1, :], sp[..., 0, :])  # out[2i]   += x[2i+1]·(-sin)
     op[..., 1, :].addcmul_(xp[..., 0, :], sp[..., 1, :])  # out[2i+1] += x[2i]·sin
     return out
+
+
+class _RoPE(torch.autograd.Function):
+    # The gradient of a rotation is the opposite rotation (Rᵀ = R(-θ)): one more cheap _rotate,
+    # instead of autograd replaying the in-place pair updates through copies of their views.
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None  # the tables are constants: no gradient
+
+
+def rope(x, cos, sin):
+    """x·cos + swap(x)·sin on channel pairs of x (..., d, N), i.e. for every pair (2i, 2i+1):
+    out[2i] = x[2i]·cos - x[2i+1]·sin,  out[2i+1] = x[2i+1]·cos + x[2i]·sin."""
+    return _RoPE.apply(x, cos, sin)
 
 
 def phi(x):
@@ -384,6 +402,9 @@ class RAVLT(nn.Module):
             self.act = nn.SiLU()
             self.reset_classifier(cfg.num_classes)
         self.apply(self._init_weights)
+        # Weights in the activations' channels-last layout too, so that backward does not convert
+        # every weight gradient between layouts (1×1 and 1-D parameters are unaffected).
+        self.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _init_weights(m):
