@@ -472,8 +472,9 @@ class RAVLT(nn.Module):
                     return blk.attn.attention_matrix(blk.norm1(x), cos, sin)
                 x = x + blk.gamma_1 * blk.attn(blk.norm1(x), cos, sin)
                 x = x + blk.gamma_2 * blk.ffn(blk.norm2(x))
-            x = layer.downsample(x)
-        raise ValueError(f"no block {block} in stage {stage}")
+            if layer.downsample is not None:
+                x = layer.downsample(x)
+        raise ValueError(f"no block {block} in stage {stage}; depths are {self.cfg.depths}")
 
 
 # -----------------------------------------------------------------------------

@@ -171,6 +171,16 @@ def test_attention_frame_gate_lepe_and_head_major_channels(kind):
     assert A.shape == (B, h, H * W, H * W)
 
 
+def test_model_attention_matrices_pick_a_block_and_reject_missing_ones():
+    model = ravlt.create_model("ravlt_nano").eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert model.attention_matrices(x, stage=0, block=0).shape == (1, 1, 256, 256)
+    A = model.attention_matrices(x, stage=3, block=0)  # softmax stage: rows sum to 1
+    torch.testing.assert_close(A.sum(-1), torch.ones(1, 4, 4))
+    with pytest.raises(ValueError, match=r"no block 5 in stage 3; depths are \(1, 1, 2, 1\)"):
+        model.attention_matrices(x, stage=3, block=5)
+
+
 def test_state_dict_keys_are_the_release_layout():
     model = ravlt.create_model("ravlt_t")
     cfg = model.cfg
