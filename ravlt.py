@@ -113,18 +113,26 @@ class RoPE2d(nn.Module):
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
-        theta = 10000.0 ** -torch.linspace(0, 1, head_dim // 4)  # (d/4,)
-        self.register_buffer("angle", theta.repeat_interleave(2))  # (d/2,), saved as in the release
+        self.register_buffer("angle", self.frequencies(head_dim))  # (d/2,), saved as in the release
+
+    @staticmethod
+    def frequencies(head_dim, device=None):
+        theta = 10000.0 ** -torch.linspace(0, 1, head_dim // 4, device=device)  # (d/4,)
+        return theta.repeat_interleave(2)  # (d/2,)
 
     def forward(self, H, W):
-        rows = torch.arange(H, device=self.angle.device, dtype=self.angle.dtype)
-        cols = torch.arange(W, device=self.angle.device, dtype=self.angle.dtype)
-        ang_r = (rows[:, None] * self.angle)[:, None, :].expand(H, W, -1)  # (H, W, d/2)
-        ang_c = (cols[:, None] * self.angle)[None, :, :].expand(H, W, -1)  # (H, W, d/2)
+        # θ and the angles in float32 even in a bf16/fp16 model (θ rounded to bf16 would shift the
+        # angles by tenths of a radian far from the origin); the buffer only keeps the release's keys
+        theta = self.frequencies(2 * self.angle.shape[0], self.angle.device)  # (d/2,)
+        rows = torch.arange(H, device=theta.device, dtype=torch.float32)
+        cols = torch.arange(W, device=theta.device, dtype=torch.float32)
+        ang_r = (rows[:, None] * theta)[:, None, :].expand(H, W, -1)  # (H, W, d/2)
+        ang_c = (cols[:, None] * theta)[None, :, :].expand(H, W, -1)  # (H, W, d/2)
         angle = torch.cat([ang_r, ang_c], dim=-1).flatten(0, 1)  # (N, d): token n = r·W + c
         sign = torch.tensor([-1.0, 1.0], device=angle.device).repeat(angle.shape[1] // 2)  # (d,)
         # (d, N) views of (N, d) memory: the same layout as the channels-last q and k
-        return angle.cos().T, (angle.sin() * sign).T  # (d, N), (d, N)
+        cos, sin = angle.cos().to(self.angle.dtype), (angle.sin() * sign).to(self.angle.dtype)
+        return cos.T, sin.T  # (d, N), (d, N)
 
 
 def _rotate(x, cos, sin):
@@ -430,8 +438,7 @@ class RAVLT(nn.Module):
 
     def _check_input(self, x):
         if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"RAVLT expects input of shape (B, {self.in_chans}, H, W) with H, W >= 32,"
-                             f" got {tuple(x.shape)}")
+            raise ValueError(f"RAVLT expects input of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
 
     def forward_stages(self, x):
         """The four stage outputs (strides 4, 8, 16, 32, rounded up), taken before downsampling."""
@@ -460,61 +467,66 @@ class RAVLT(nn.Module):
             return self.forward_stages(x)  # [(B, C_i, H/2^(i+2), W/2^(i+2)) for i in 0..3]
         return self.forward_head(self.forward_features(x))
 
+    @torch.no_grad()
     def attention_matrices(self, x, stage=0, block=0):
         """The (B, h, N, N) attention matrix that block `block` of stage `stage` applies to x."""
-        self._check_input(x)
-        x = self.patch_embed.proj(x)
-        for i, layer in enumerate(self.layers):
-            cos, sin = layer.RoPE(*x.shape[-2:])
-            for j, blk in enumerate(layer.blocks):
-                x = x + blk.pos(x)
-                if (i, j) == (stage, block):
-                    return blk.attn.attention_matrix(blk.norm1(x), cos, sin)
-                x = x + blk.gamma_1 * blk.attn(blk.norm1(x), cos, sin)
-                x = x + blk.gamma_2 * blk.ffn(blk.norm2(x))
-            if layer.downsample is not None:
-                x = layer.downsample(x)
-        raise ValueError(f"no block {block} in stage {stage}; depths are {self.cfg.depths}")
+        if not (0 <= stage < len(self.layers) and 0 <= block < len(self.layers[stage].blocks)):
+            raise ValueError(f"no block {block} in stage {stage}; depths are {self.cfg.depths}")
+        attn, seen = self.layers[stage].blocks[block].attn, {}
+        # run the real forward (eval mode: BatchNorm statistics untouched) and catch attn's input
+        hook = attn.register_forward_pre_hook(lambda module, args: seen.setdefault("args", args))
+        was_training = self.training
+        try:
+            self.eval().forward_stages(x)
+        finally:
+            hook.remove()
+            self.train(was_training)
+        return attn.attention_matrix(*seen["args"])
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints
 
 
-def _read_state_dict(path, use_ema):
-    """The model weights from a release .pth, a training checkpoint of ours, or a plain state dict."""
+def read_checkpoint(path):
+    """torch.load for checkpoints: a checkpoint is data, not code, so only tensors, containers and
+    argparse.Namespace (the release's files hold one under `args`) may load (weights_only=True)."""
     try:
-        # A checkpoint is data, not code: only tensors, containers and argparse.Namespace may load.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+def _state_dict(ckpt, name, use_ema):
+    """The model weights inside a release .pth, a training checkpoint of ours, or a plain state dict."""
     if not isinstance(ckpt, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
-    key = "model_ema" if use_ema else "model"
-    if use_ema and key not in ckpt:
-        raise ValueError(f"checkpoint {path} has no 'model_ema' entry")
-    sd = ckpt.get(key, ckpt)
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
-    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"checkpoint {path} holds no state dict (keys: {list(ckpt)[:5]})")
-    return sd
+        raise ValueError(f"{name} holds a {type(ckpt).__name__}, expected a dict")
+    if use_ema and "model_ema" not in ckpt:
+        raise ValueError(f"{name} has no 'model_ema' entry")
+    sd = ckpt.get("model_ema" if use_ema else "model", ckpt)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{name} holds no state dict (keys: {list(ckpt)[:5]})")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}  # DDP, compile
 
 
-def load_checkpoint(model, path, use_ema=False):
-    """Load weights into `model` strictly; returns the model.
+def load_checkpoint(model, checkpoint, use_ema=False):
+    """Load weights into `model` strictly; returns the model. `checkpoint`: a path, or a dict
+    already read with `read_checkpoint` (so that a large file is read once).
 
     Accepts the release's RAVLT_{T,S,B,L}.pth (dict with `model`, `model_ema`, `optimizer`, ...,
     `args`), this project's training checkpoints, and plain state dicts. A features-only model
-    ignores the classification head; a model with another number of classes keeps its own head.
+    ignores the classification head; a model with another number of classes (or none) keeps its own.
     """
-    sd = _read_state_dict(path, use_ema)
+    is_dict = isinstance(checkpoint, dict)
+    name = "the checkpoint" if is_dict else f"checkpoint {checkpoint}"
+    sd = _state_dict(checkpoint if is_dict else read_checkpoint(checkpoint), name, use_ema)
     own = model.state_dict()
     if model.features_only:
         sd = {k: v for k, v in sd.items() if not k.startswith(("proj.", "norm.", "head."))}
-    elif "head.weight" in sd and sd["head.weight"].shape != own["head.weight"].shape:
+    elif "head.weight" in sd and sd["head.weight"].shape != getattr(own.get("head.weight"), "shape", None):
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         sd.update({k: v for k, v in own.items() if k.startswith("head.")})  # fine-tuning: new head
     missing = [k for k in own if k not in sd]
@@ -522,10 +534,10 @@ def load_checkpoint(model, path, use_ema=False):
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
               for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or shapes:
-        name = model.pretrained_cfg.get("architecture", "this model")
+        arch = getattr(model, "pretrained_cfg", {}).get("architecture", "this model")
         parts = [f"{label} ({len(items)}): {', '.join(items[:3])}" for label, items in
                  (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected)) if items]
-        raise ValueError(f"checkpoint {path} does not fit {name}; " + "; ".join(parts))
+        raise ValueError(f"{name} does not fit {arch}; " + "; ".join(parts))
     model.load_state_dict(sd)
     return model
 
@@ -542,7 +554,7 @@ VARIANTS = {
                            layer_scale_init=(1.0, 1.0, 1e-6, 1e-6), drop_path_rate=0.4),
     "ravlt_l": RAVLTConfig(dims=(96, 192, 448, 640), depths=(4, 7, 19, 8), heads=(1, 2, 7, 10),
                            layer_scale_init=(1e-6,) * 4, drop_path_rate=0.55),
-    # not a released model: a few-thousand-parameter RAVLT with every code path, for fast tests
+    # not a released model: a 0.3M-parameter RAVLT with every code path, for fast tests
     "ravlt_nano": RAVLTConfig(dims=(16, 32, 64, 64), depths=(1, 1, 2, 1), heads=(1, 2, 4, 4),
                               head_hidden=64, drop_path_rate=0.0),
 }
@@ -566,9 +578,13 @@ def create_model(name, pretrained=None, features_only=False, compile_attn=None, 
     if bad := sorted(set(overrides) - valid):
         raise ValueError(f"unknown option(s) {bad} for {name}; valid: {', '.join(sorted(valid))}")
     cfg = replace(VARIANTS[name], **overrides)
+    stages = len(cfg.dims)
+    for field in ("depths", "heads", "layer_scale_init"):
+        if len(getattr(cfg, field)) != stages:
+            raise ValueError(f"{field} needs one value per stage ({stages}), got {getattr(cfg, field)}")
     attn = tuple(cfg.attn)
     if len(attn) != len(cfg.dims) or any(a not in ATTENTION_KINDS for a in attn):
-        raise ValueError(f"attn must be {len(cfg.dims)} values from {ATTENTION_KINDS}, got {attn}")
+        raise ValueError(f"attn must be {stages} values from {ATTENTION_KINDS}, got {attn}")
     model = RAVLT(replace(cfg, attn=attn), features_only, compile_attn, norm_eval)
     model.pretrained_cfg = dict(
         architecture=name, num_classes=cfg.num_classes, input_size=(cfg.in_chans, 224, 224),
@@ -583,9 +599,11 @@ def count_macs(model, size=224, batch=1):
     """Multiply-accumulates of one forward (convolutions + matmuls + attention), via flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.zeros(batch, model.in_chans, size, size)
+    x = torch.zeros(batch, model.in_chans, size, size, device=next(model.parameters()).device)
+    was_training = model.training
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.eval()(x)
+    model.train(was_training)
     return counter.get_total_flops() // 2
 
 
@@ -607,7 +625,8 @@ def _machine(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:  # Linux names the CPU model here; elsewhere fall back to the platform module
-        return next(l.split(":")[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            return next(l.split(":")[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or "unknown CPU"
 
@@ -624,7 +643,7 @@ def _measure(fns, device, repeats):
         torch.cuda.synchronize() if device.type == "cuda" else None
         return (time.perf_counter() - start) / calls
 
-    calls = [max(1, round(0.05 / timed(fn, 1))) for fn in fns]
+    calls = [max(1, math.ceil(0.05 / timed(fn, 1))) for fn in fns]
     best = [math.inf] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):

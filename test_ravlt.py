@@ -171,14 +171,30 @@ def test_attention_frame_gate_lepe_and_head_major_channels(kind):
     assert A.shape == (B, h, H * W, H * W)
 
 
-def test_model_attention_matrices_pick_a_block_and_reject_missing_ones():
-    model = ravlt.create_model("ravlt_nano").eval()
+def test_model_attention_matrices_are_those_of_the_real_forward():
+    model = randomize_(ravlt.create_model("ravlt_nano")).train()
     x = torch.randn(1, 3, 64, 64)
-    assert model.attention_matrices(x, stage=0, block=0).shape == (1, 1, 256, 256)
-    A = model.attention_matrices(x, stage=3, block=0)  # softmax stage: rows sum to 1
-    torch.testing.assert_close(A.sum(-1), torch.ones(1, 4, 4))
+    stats = model.patch_embed.proj[1].running_mean.clone()
+    with torch.no_grad():  # stage 0, block 0 by hand: stem, CPE, LayerNorm, then the attention
+        model.eval()
+        h = model.patch_embed.proj(x)
+        blk = model.layers[0].blocks[0]
+        h = h + blk.pos(h)
+        expected = blk.attn.attention_matrix(blk.norm1(h), *model.layers[0].RoPE(16, 16))
+        model.train()
+    torch.testing.assert_close(model.attention_matrices(x, stage=0, block=0), expected)
+    assert model.training and torch.equal(model.patch_embed.proj[1].running_mean, stats)
+    A = model.attention_matrices(x, stage=3, block=0)  # softmax stage, 2×2 tokens
+    assert A.shape == (1, 4, 4, 4)
     with pytest.raises(ValueError, match=r"no block 5 in stage 3; depths are \(1, 1, 2, 1\)"):
         model.attention_matrices(x, stage=3, block=5)
+
+
+def test_rope_tables_stay_accurate_in_a_bf16_model():
+    cos32, sin32 = ravlt.RoPE2d(64)(64, 64)
+    cos16, sin16 = ravlt.RoPE2d(64).bfloat16()(64, 64)  # angles up to 63 rad: bf16 steps are 0.25
+    assert cos16.dtype == torch.bfloat16
+    assert (cos16.float() - cos32).abs().max() < 1e-2 and (sin16.float() - sin32).abs().max() < 1e-2
 
 
 def test_state_dict_keys_are_the_release_layout():
@@ -214,9 +230,10 @@ def test_parameter_count_equals_release(name):
 
 
 @pytest.mark.parametrize("name", ["ravlt_t", "ravlt_s"])
-def test_macs_within_half_percent_of_release(name):
-    gmacs = ravlt.count_macs(ravlt.create_model(name)) / 1e9
-    assert abs(gmacs - RELEASE_GMACS[name]) / RELEASE_GMACS[name] < 0.005
+def test_macs_equal_release_count(name):
+    model = ravlt.create_model(name).train()
+    assert round(ravlt.count_macs(model) / 1e9, 3) == RELEASE_GMACS[name]
+    assert model.training  # counting leaves the model as it was
 
 
 def test_fully_linear_model_cost_grows_linearly_with_pixels():
@@ -257,6 +274,10 @@ def test_create_model_rejects_bad_names_and_options():
         ravlt.create_model("ravlt_t", attn=("rala", "linear", "softmax", "softmax"))
     with pytest.raises(ValueError, match="attn must be"):
         ravlt.create_model("ravlt_t", attn=("rala",) * 3)
+    with pytest.raises(ValueError, match=r"depths needs one value per stage \(4\)"):
+        ravlt.create_model("ravlt_t", depths=(1, 1, 2))
+    with pytest.raises(ValueError, match="heads needs one value per stage"):
+        ravlt.create_model("ravlt_t", heads=(1, 2, 4))
 
 
 def test_timm_conventions():
@@ -394,6 +415,14 @@ def test_pretrained_weights_into_other_class_count_and_backbone(tmp_path):
     finetune = ravlt.create_model("ravlt_nano", num_classes=10, pretrained=tmp_path / "ck.pth")
     assert finetune.head.weight.shape[0] == 10
     torch.testing.assert_close(finetune.proj.weight, src.proj.weight)
+    pooled = ravlt.create_model("ravlt_nano", num_classes=0, pretrained=tmp_path / "ck.pth").eval()
+    with torch.no_grad():  # no classifier: the pooled features of the source model
+        x = torch.randn(1, 3, 64, 64)
+        torch.testing.assert_close(pooled(x), src.eval().forward_head(src.forward_features(x), True))
+    # a dict already read is accepted too (train.py reads a large file once)
+    ckpt = ravlt.read_checkpoint(tmp_path / "ck.pth")
+    torch.testing.assert_close(ravlt.load_checkpoint(ravlt.create_model("ravlt_nano"), ckpt).head.weight,
+                               src.head.weight)
     backbone = ravlt.create_model("ravlt_nano", features_only=True, pretrained=tmp_path / "ck.pth")
     torch.testing.assert_close(backbone.layers[3].blocks[0].attn.qkvo.weight,
                                src.layers[3].blocks[0].attn.qkvo.weight)
@@ -910,7 +939,6 @@ def test_tutorial_notebook_runs_top_to_bottom():
     start = time.perf_counter()
     client.execute()  # raises CellExecutionError at the first failing cell
     assert time.perf_counter() - start < 300, "the tutorial must run in under 5 minutes"
-    assert all(o.output_type != "error" for c in code for o in c.outputs)
     figures = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(figures) >= 3
 

@@ -225,15 +225,13 @@ def build_transforms(args, cfg):
 
 
 def read_checkpoint(path):
-    """torch.load with weights_only=True: a checkpoint is data, never code. The release's files
-    also hold an argparse.Namespace (`args`), the one class allowed besides tensors and containers."""
+    """ravlt.read_checkpoint (weights_only=True: a checkpoint is data, never code), read once."""
     if not os.path.isfile(path):
         fail(f"--resume {path}: no such file")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0]}")
+        ckpt = ravlt.read_checkpoint(path)
+    except ValueError as e:
+        fail(str(e).strip().splitlines()[0])
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model", ckpt), dict):
         fail(f"checkpoint {path} holds no state dict (expected a dict, or a dict with a 'model' entry)")
     return ckpt
@@ -246,9 +244,9 @@ def load_weights(model, path, ckpt, use_ema=False):
     if isinstance(head, torch.Tensor) and head.shape[0] != model.num_classes:
         fail(f"checkpoint {path} classifies {head.shape[0]} classes, the dataset has {model.num_classes}")
     try:
-        ravlt.load_checkpoint(model, path, use_ema=use_ema)
-    except (ValueError, OSError) as e:
-        fail(str(e).splitlines()[0])
+        ravlt.load_checkpoint(model, ckpt, use_ema=use_ema)  # the dict read once, not the file again
+    except ValueError as e:
+        fail(f"{path}: {str(e).splitlines()[0]}")
 
 
 def save_checkpoint(state, path):
@@ -478,7 +476,7 @@ def main(args):
         start = time.perf_counter()
         trained = train_one_epoch(train_model, model, model_ema, criterion, mix, train_loader, optimizer,
                                   scheduler, scaler, device, amp_dtype, epoch, args)
-        if world > 1:  # without SyncBatchNorm (CPU) the BN statistics drift apart: average them
+        if world > 1 and device.type != "cuda":  # no SyncBatchNorm on CPU: statistics drift apart
             for buffer in [*model.buffers(), *(model_ema.module.buffers() if model_ema else [])]:
                 if buffer.is_floating_point():
                     dist.all_reduce(buffer)
