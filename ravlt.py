@@ -117,7 +117,7 @@ class RoPE2d(nn.Module):
 
     @staticmethod
     def frequencies(head_dim, device=None):
-        theta = 10000.0 ** -torch.linspace(0, 1, head_dim // 4, device=device)  # (d/4,)
+        theta = 1.0 / 10000.0 ** torch.linspace(0, 1, head_dim // 4, device=device)  # (d/4,): the release's bits
         return theta.repeat_interleave(2)  # (d/2,)
 
     def forward(self, H, W):
