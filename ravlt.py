@@ -117,7 +117,8 @@ class RoPE2d(nn.Module):
 
     @staticmethod
     def frequencies(head_dim, device=None):
-        theta = 1.0 / 10000.0 ** torch.linspace(0, 1, head_dim // 4, device=device)  # (d/4,): the release's bits
+        # 1 / 10000^x rather than 10000^-x: the same bits as the release's buffer
+        theta = 1.0 / 10000.0 ** torch.linspace(0, 1, head_dim // 4, device=device)  # (d/4,)
         return theta.repeat_interleave(2)  # (d/2,)
 
     def forward(self, H, W):
