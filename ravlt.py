@@ -513,13 +513,14 @@ def _state_dict(ckpt, name, use_ema):
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}  # DDP, compile
 
 
-def load_checkpoint(model, checkpoint, use_ema=False):
+def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
     """Load weights into `model` strictly; returns the model. `checkpoint`: a path, or a dict
     already read with `read_checkpoint` (so that a large file is read once).
 
     Accepts the release's RAVLT_{T,S,B,L}.pth (dict with `model`, `model_ema`, `optimizer`, ...,
     `args`), this project's training checkpoints, and plain state dicts. A features-only model
-    ignores the classification head; a model with another number of classes (or none) keeps its own.
+    ignores the classification head; a model with another number of classes (or none) keeps its own
+    head, unless new_head=False, which refuses such a checkpoint (evaluation needs its head).
     """
     is_dict = isinstance(checkpoint, dict)
     name = "the checkpoint" if is_dict else f"checkpoint {checkpoint}"
@@ -528,6 +529,9 @@ def load_checkpoint(model, checkpoint, use_ema=False):
     if model.features_only:
         sd = {k: v for k, v in sd.items() if not k.startswith(("proj.", "norm.", "head."))}
     elif "head.weight" in sd and sd["head.weight"].shape != getattr(own.get("head.weight"), "shape", None):
+        if not new_head:
+            raise ValueError(f"{name} classifies {sd['head.weight'].shape[0]} classes, the model "
+                             f"{model.num_classes}")
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         sd.update({k: v for k, v in own.items() if k.startswith("head.")})  # fine-tuning: new head
     missing = [k for k in own if k not in sd]
@@ -584,7 +588,7 @@ def create_model(name, pretrained=None, features_only=False, compile_attn=None, 
         if len(getattr(cfg, field)) != stages:
             raise ValueError(f"{field} needs one value per stage ({stages}), got {getattr(cfg, field)}")
     attn = tuple(cfg.attn)
-    if len(attn) != len(cfg.dims) or any(a not in ATTENTION_KINDS for a in attn):
+    if len(attn) != stages or any(a not in ATTENTION_KINDS for a in attn):
         raise ValueError(f"attn must be {stages} values from {ATTENTION_KINDS}, got {attn}")
     model = RAVLT(replace(cfg, attn=attn), features_only, compile_attn, norm_eval)
     model.pretrained_cfg = dict(

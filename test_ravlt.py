@@ -357,11 +357,12 @@ def test_rala_keeps_float32_inside_autocast(qkv):
 
 # --- checkpoints ---
 
-def release_style_checkpoint(model, path, **extra):
-    torch.save({"model": model.state_dict(), "model_ema": model.state_dict(),
+def release_style_checkpoint(path, weights, ema_weights=None):
+    """A .pth laid out as the release's: model / model_ema / optimizer / epoch / args (a Namespace)."""
+    torch.save({"model": weights, "model_ema": weights if ema_weights is None else ema_weights,
                 "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]}, "epoch": 299,
                 "args": argparse.Namespace(model="RAVLT_T", lr=1e-3, output_dir="out"),
-                "max_accuracy": 82.6, **extra}, path)
+                "max_accuracy": 82.6}, path)
 
 
 def test_load_release_style_checkpoint_and_plain_state_dicts(tmp_path):
@@ -369,7 +370,7 @@ def test_load_release_style_checkpoint_and_plain_state_dicts(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = src(x)
-    release_style_checkpoint(src, tmp_path / "release.pth")
+    release_style_checkpoint(tmp_path / "release.pth", src.state_dict())
     torch.save(src.state_dict(), tmp_path / "plain.pth")
     torch.save({"module." + k: v for k, v in src.state_dict().items()}, tmp_path / "ddp.pth")
     for name in ("release.pth", "plain.pth", "ddp.pth"):
@@ -411,9 +412,12 @@ def test_unreadable_or_unsafe_checkpoints_are_refused(tmp_path):
 
 def test_pretrained_weights_into_other_class_count_and_backbone(tmp_path):
     src = randomize_(ravlt.create_model("ravlt_nano"))
-    release_style_checkpoint(src, tmp_path / "ck.pth")
+    release_style_checkpoint(tmp_path / "ck.pth", src.state_dict())
     finetune = ravlt.create_model("ravlt_nano", num_classes=10, pretrained=tmp_path / "ck.pth")
     assert finetune.head.weight.shape[0] == 10
+    with pytest.raises(ValueError, match="classifies 1000 classes, the model 10"):
+        ravlt.load_checkpoint(ravlt.create_model("ravlt_nano", num_classes=10), tmp_path / "ck.pth",
+                              new_head=False)
     torch.testing.assert_close(finetune.proj.weight, src.proj.weight)
     pooled = ravlt.create_model("ravlt_nano", num_classes=0, pretrained=tmp_path / "ck.pth").eval()
     with torch.no_grad():  # no classifier: the pooled features of the source model
@@ -459,7 +463,7 @@ def test_same_logits_as_release(name, tmp_path):
         spec.loader.exec_module(sys.modules["release_rala"])
     release = sys.modules["release_rala"]
     ref = randomize_(getattr(release, name.upper())()).eval()
-    release_style_checkpoint(ref, tmp_path / "release.pth")
+    release_style_checkpoint(tmp_path / "release.pth", ref.state_dict())
     ours = ravlt.create_model(name, pretrained=tmp_path / "release.pth").eval()
     for size in [(224, 224), (97, 131)]:
         x = torch.randn(2, 3, *size)
@@ -499,9 +503,7 @@ def backbone_readme(tmp_path_factory):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     folder = tmp_path_factory.mktemp("backbone")
-    release_format = {"model": full.state_dict(), "epoch": 299,
-                      "args": argparse.Namespace(model="RAVLT_T")}
-    torch.save(release_format, folder / "RAVLT_T.pth")
+    release_style_checkpoint(folder / "RAVLT_T.pth", full.state_dict())
     blocks = readme_python_blocks("Use as a backbone")
     assert len(blocks) >= 3, "expected the FPN helper, the detectors and the segmentation example"
     namespace = {"__name__": "readme_backbone"}
@@ -757,11 +759,8 @@ def test_train_eval_only_ours_and_release_format(fake_run, tmp_path):
     ours = run_train(tmp_path, *FAKE, "--eval-only", "--resume", out / "checkpoint.pth")
     for key in ("val_loss", "val_acc1", "val_acc5", "ema_val_loss", "ema_val_acc1", "ema_val_acc5"):
         assert ours[key] == pytest.approx(log[-1][key], abs=1e-5), key
-    # the release's layout: model / model_ema / optimizer / epoch / args as an argparse.Namespace;
-    # swapping the two weight sets must swap the two results
-    release = dict(model=ckpt["model_ema"], model_ema=ckpt["model"], optimizer={"state": {}}, epoch=299,
-                   args=argparse.Namespace(model="RAVLT_T", lr=1e-3))
-    torch.save(release, tmp_path / "RAVLT_release.pth")
+    # the release's layout, with the two weight sets swapped: the two results must swap
+    release_style_checkpoint(tmp_path / "RAVLT_release.pth", ckpt["model_ema"], ckpt["model"])
     theirs = run_train(tmp_path, *FAKE, "--eval-only", "--resume", tmp_path / "RAVLT_release.pth")
     assert theirs["val_loss"] == pytest.approx(ours["ema_val_loss"], abs=1e-6)
     assert theirs["ema_val_loss"] == pytest.approx(ours["val_loss"], abs=1e-6)

@@ -238,13 +238,10 @@ def read_checkpoint(path):
 
 
 def load_weights(model, path, ckpt, use_ema=False):
-    """ravlt.load_checkpoint, refusing a classifier made for another number of classes (which
-    load_checkpoint would silently replace by the model's fresh head, as suits fine-tuning)."""
-    head = ckpt.get("model_ema" if use_ema else "model", ckpt).get("head.weight")
-    if isinstance(head, torch.Tensor) and head.shape[0] != model.num_classes:
-        fail(f"checkpoint {path} classifies {head.shape[0]} classes, the dataset has {model.num_classes}")
+    """ravlt.load_checkpoint on the dict read once, refusing a classifier made for another number of
+    classes (which it would otherwise replace by the model's fresh head, as suits fine-tuning)."""
     try:
-        ravlt.load_checkpoint(model, ckpt, use_ema=use_ema)  # the dict read once, not the file again
+        ravlt.load_checkpoint(model, ckpt, use_ema=use_ema, new_head=False)
     except ValueError as e:
         fail(f"{path}: {str(e).splitlines()[0]}")
 
