@@ -943,23 +943,6 @@ def test_tutorial_notebook_runs_top_to_bottom():
 
 
 # ---- speed: the fast forms stay exact, bf16 stays close, the benchmark runs ----
-def _rotation_oracle(x, H, W):
-    """RoPE from the spec, one 2×2 rotation matrix per channel pair and token, in float64."""
-    d = x.shape[-2]
-    theta = torch.tensor([10000.0 ** (-m / (d // 4 - 1)) for m in range(d // 4)], dtype=torch.float64)
-    theta = theta.repeat_interleave(2)  # (d/2,): θ0, θ0, θ1, θ1, ...
-    out = torch.empty_like(x, dtype=torch.float64)
-    for n in range(H * W):
-        r, c = divmod(n, W)
-        angles = torch.cat([r * theta, c * theta])  # (d,): rows on the first half, columns on the second
-        R = torch.zeros(d, d, dtype=torch.float64)
-        for i in range(0, d, 2):
-            cos, sin = math.cos(angles[i]), math.sin(angles[i])
-            R[i:i + 2, i:i + 2] = torch.tensor([[cos, -sin], [sin, cos]], dtype=torch.float64)
-        out[..., n] = x[..., n].double() @ R.T
-    return out
-
-
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_rope_equals_rotation_matrices(channels_last):
     torch.manual_seed(0)
@@ -967,8 +950,8 @@ def test_rope_equals_rotation_matrices(channels_last):
     x = torch.randn(B, H, W, h * d) if channels_last else torch.randn(B, h * d, H, W)
     x = (x.permute(0, 3, 1, 2) if channels_last else x).reshape(B, h, d, H * W)  # (B, h, d, N)
     cos, sin = ravlt.RoPE2d(d)(H, W)
-    torch.testing.assert_close(ravlt.rope(x, cos, sin).double(), _rotation_oracle(x, H, W),
-                               rtol=1e-5, atol=1e-5)
+    oracle = heads_first(spec_rope(heads_first(x), H, W))  # the model section's 2×2 rotations
+    torch.testing.assert_close(ravlt.rope(x, cos, sin).double(), oracle, rtol=1e-5, atol=1e-5)
 
 
 def test_rope_gradient_is_the_inverse_rotation():
