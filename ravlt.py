@@ -102,67 +102,54 @@ class DropPath(nn.Module):
 
 
 class RoPE2d(nn.Module):
-    """2D rotary position embedding: rows rotate the first d/2 channels, columns the last d/2.
+    """2D rotary position embedding. Each channel pair (2i, 2i+1) of a head is read as one complex
+    number x_2i + i·x_2i+1; multiplying it by e^{iθ} rotates the pair by the angle θ. Pairs in
+    the first half of the head turn with the token's row, pairs in the second half with its column.
 
-    `angle` holds d/4 frequencies θ_m = 10000^(-m/(d/4-1)), each repeated twice: [θ0, θ0, θ1, ...].
-    forward(H, W) returns cos and a signed sin, both (d, N), such that rope(x) = x·cos + swap(x)·sin
-    rotates every channel pair (2i, 2i+1) by its angle.
+    `angle` holds d/4 frequencies θ_m = 10000^(-m/(d/4-1)), each repeated twice: [θ0, θ0, θ1, ...]
+    (the release's buffer). forward(H, W) returns the table of e^{iθ} as (cos θ, sin θ) pairs,
+    (N, d/2, 2) float32, stored like the channel pairs it multiplies.
     """
 
     def __init__(self, head_dim):
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
-        self.register_buffer("angle", self.frequencies(head_dim))  # (d/2,), saved as in the release
+        # (d/2,): each θ twice, the release's buffer, kept for its state-dict key
+        self.register_buffer("angle", self.frequencies(head_dim).repeat_interleave(2))
 
     @staticmethod
     def frequencies(head_dim, device=None):
         # 1 / 10000^x rather than 10000^-x: the same bits as the release's buffer
-        theta = 1.0 / 10000.0 ** torch.linspace(0, 1, head_dim // 4, device=device)  # (d/4,)
-        return theta.repeat_interleave(2)  # (d/2,)
+        return 1.0 / 10000.0 ** torch.linspace(0, 1, head_dim // 4, device=device)  # (d/4,)
 
     def forward(self, H, W):
         # θ and the angles in float32 even in a bf16/fp16 model (θ rounded to bf16 would shift the
-        # angles by tenths of a radian far from the origin); the buffer only keeps the release's keys
-        theta = self.frequencies(2 * self.angle.shape[0], self.angle.device)  # (d/2,)
+        # angles by tenths of a radian far from the origin), so θ is recomputed, not read from `angle`
+        theta = self.frequencies(2 * self.angle.shape[0], self.angle.device)  # (d/4,)
         rows = torch.arange(H, device=theta.device, dtype=torch.float32)
         cols = torch.arange(W, device=theta.device, dtype=torch.float32)
-        ang_r = (rows[:, None] * theta)[:, None, :].expand(H, W, -1)  # (H, W, d/2)
-        ang_c = (cols[:, None] * theta)[None, :, :].expand(H, W, -1)  # (H, W, d/2)
-        angle = torch.cat([ang_r, ang_c], dim=-1).flatten(0, 1)  # (N, d): token n = r·W + c
-        sign = torch.tensor([-1.0, 1.0], device=angle.device).repeat(angle.shape[1] // 2)  # (d,)
-        # (d, N) views of (N, d) memory: the same layout as the channels-last q and k
-        cos, sin = angle.cos().to(self.angle.dtype), (angle.sin() * sign).to(self.angle.dtype)
-        return cos.T, sin.T  # (d, N), (d, N)
+        ang_r = (rows[:, None] * theta)[:, None, :].expand(H, W, -1)  # (H, W, d/4)
+        ang_c = (cols[:, None] * theta)[None, :, :].expand(H, W, -1)  # (H, W, d/4)
+        angle = torch.cat([ang_r, ang_c], dim=-1).flatten(0, 1)  # (N, d/2): token n = r·W + c
+        return torch.stack([angle.cos(), angle.sin()], dim=-1)  # (N, d/2, 2): e^{iθ} = cos θ + i·sin θ
 
 
-def _rotate(x, cos, sin):
-    out = x * cos  # (..., d, N)
-    # The swap term is added in place, pair by pair: no swapped copy of x is ever made.
-    xp, op, sp = (t.unflatten(-2, (-1, 2)) for t in (x, out, sin))  # (..., d/2, 2, N)
-    op[..., 0, :].addcmul_(xp[..., 1, :], sp[..., 0, :])  # out[2i]   += x[2i+1]·(-sin)
-    op[..., 1, :].addcmul_(xp[..., 0, :], sp[..., 1, :])  # out[2i+1] += x[2i]·sin
-    return out
-
-
-class _RoPE(torch.autograd.Function):
-    # The gradient of a rotation is the opposite rotation (Rᵀ = R(-θ)): one more cheap _rotate,
-    # instead of autograd replaying the in-place pair updates through copies of their views.
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, -sin), None, None  # the tables are constants: no gradient
-
-
-def rope(x, cos, sin):
-    """x·cos + swap(x)·sin on channel pairs of x (..., d, N), i.e. for every pair (2i, 2i+1):
-    out[2i] = x[2i]·cos - x[2i+1]·sin,  out[2i+1] = x[2i+1]·cos + x[2i]·sin."""
-    return _RoPE.apply(x, cos, sin)
+def rope(x, rot):
+    """Rotate every channel pair of x (..., d, N) by its angle, as a complex product:
+    (x_2i + i·x_2i+1)·e^{iθ} gives out[2i] = x[2i]·cos θ - x[2i+1]·sin θ,
+                                    out[2i+1] = x[2i+1]·cos θ + x[2i]·sin θ.
+    rot is RoPE2d's table, (N, d/2, 2). Autograd differentiates it by itself (by e^{-iθ})."""
+    xt = x.float().transpose(-2, -1)  # (..., N, d): a free view for the model's channels-last maps
+    if xt.stride(-1) != 1:  # pairs must be adjacent in memory to be read as complex numbers
+        xt = xt.contiguous()
+    pairs = xt.unflatten(-1, (-1, 2))  # (..., N, d/2, 2): real and imaginary parts
+    if torch.compiler.is_compiling():  # inductor emits no code for complex numbers: spell it out
+        re, im, cos, sin = pairs[..., 0], pairs[..., 1], rot[..., 0], rot[..., 1]
+        out = torch.stack((re * cos - im * sin, im * cos + re * sin), dim=-1)  # (..., N, d/2, 2)
+    else:  # eager: one vectorised complex multiplication (the real form costs 6 passes)
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rot))
+    return out.flatten(-2).to(x.dtype).transpose(-2, -1)  # (..., N, d) -> (..., d, N)
 
 
 def phi(x):
@@ -174,7 +161,7 @@ def phi(x):
 # Attention: RALA (linear and explicit N×N forms) and softmax attention
 
 
-def rala(q, k, v, cos, sin, eps=1e-6):
+def rala(q, k, v, rot, eps=1e-6):
     """Rank-Augmented Linear Attention in O(N·d²) per head.
 
     | paper    | variable        | shape          | meaning                                    |
@@ -187,6 +174,7 @@ def rala(q, k, v, cos, sin, eps=1e-6):
     | z        | z               | (B, h, 1, N)   | normaliser 1 / (φ(q_i)·mean_j K̃_j)         |
     | S        | kv              | (B, h, d, d)   | the KV buffer Σ_j RoPE(K̃_j)ᵀ v_j / N       |
     | Y        | y               | (B, h, d, N)   | output, before the gate o and LePE         |
+    | e^{iθ}   | rot             | (N, d/2, 2)    | RoPE's rotation of each channel pair       |
     """
     N = q.shape[-1]
     scale = q.shape[-2] ** -0.5
@@ -194,7 +182,7 @@ def rala(q, k, v, cos, sin, eps=1e-6):
     # Sums over N tokens and the 1/(…) normaliser lose too much precision in bf16/fp16,
     # so the whole core runs in float32 even under autocast (it is a small share of the FLOPs).
     with torch.autocast(q.device.type, enabled=False):
-        q, k, v, cos, sin = q.float(), k.float(), v.float(), cos.float(), sin.float()
+        q, k, v = q.float(), k.float(), v.float()
         phi_q, phi_k = phi(q), phi(k)  # (B, h, d, N)
         # 1. KV-buffer rank augmentation: weight each key by how well it matches the mean query
         q_bar = phi_q.mean(-1, keepdim=True)  # (B, h, d, 1)
@@ -205,16 +193,16 @@ def rala(q, k, v, cos, sin, eps=1e-6):
         z = 1.0 / (k_tilde.mean(-1, keepdim=True).transpose(-2, -1) @ phi_q + eps)  # (B, h, 1, N)
         # 3. Relative position enters through RoPE on both sides of the product, and
         # 4. the KV buffer: one d×d matrix per head. This contraction is the linear complexity.
-        kv = rope(k_tilde, cos, sin) @ v.transpose(-2, -1) / N  # (B,h,d,N) @ (B,h,N,d) -> (B,h,d,d)
+        kv = rope(k_tilde, rot) @ v.transpose(-2, -1) / N  # (B,h,d,N) @ (B,h,N,d) -> (B,h,d,d)
         del k_tilde
         # 5. Read the buffer with every rotated query and normalise (in place: one temporary fewer).
         #    Token-major (N, d) rows, like SDPA's output, so the result is channels-last memory.
-        q_rot = rope(phi_q, cos, sin)  # (B, h, d, N)
+        q_rot = rope(phi_q, rot)  # (B, h, d, N)
         y = (q_rot.transpose(-2, -1) @ kv).mul_(z.transpose(-2, -1))  # (B,h,N,d) @ (B,h,d,d) -> (B,h,N,d)
     return y.transpose(-2, -1).to(dtype)  # (B, h, d, N)
 
 
-def rala_matrix(q, k, cos, sin, eps=1e-6):
+def rala_matrix(q, k, rot, eps=1e-6):
     """The same RALA equations written as an explicit N×N attention matrix A, with Y = V Aᵀ.
 
     A_ij = z_i · RoPE(φ(q_i)) · RoPE(K̃_j) / N. O(N²·d): for teaching, rank analysis and tests.
@@ -222,19 +210,19 @@ def rala_matrix(q, k, cos, sin, eps=1e-6):
     """
     N, scale = q.shape[-1], q.shape[-2] ** -0.5
     with torch.autocast(q.device.type, enabled=False):
-        q, k, cos, sin = q.float(), k.float(), cos.float(), sin.float()
+        q, k = q.float(), k.float()
         phi_q, phi_k = phi(q), phi(k)  # (B, h, d, N)
         alpha = torch.softmax(scale * phi_q.mean(-1, keepdim=True).transpose(-2, -1) @ phi_k, -1)
         k_tilde = phi_k * (alpha * N)  # (B, h, d, N)
         z = 1.0 / (k_tilde.mean(-1, keepdim=True).transpose(-2, -1) @ phi_q + eps)  # (B, h, 1, N)
-        q_rot, k_rot = rope(phi_q, cos, sin), rope(k_tilde, cos, sin)  # (B, h, d, N)
+        q_rot, k_rot = rope(phi_q, rot), rope(k_tilde, rot)  # (B, h, d, N)
         scores = q_rot.transpose(-2, -1) @ k_rot / N  # (B, h, N, d) @ (B, h, d, N) -> (B, h, N, N)
         return scores * z.transpose(-2, -1)  # (B, h, N, N), row i scaled by z_i
 
 
-def softmax_attention(q, k, v, cos, sin):
+def softmax_attention(q, k, v, rot):
     """Softmax attention with RoPE on q and k (stages 3-4): Y = softmax(d^-½ q kᵀ) v."""
-    q, k = rope(q, cos, sin), rope(k, cos, sin)  # (B, h, d, N)
+    q, k = rope(q, rot), rope(k, rot)  # (B, h, d, N)
     q, k, v = (t.transpose(-2, -1) for t in (q, k, v))  # (B, h, N, d)
     # SDPA's fused kernels never build the N×N matrix, but they need the head dim contiguous: true
     # for the model's channels-last views, not for a (B, h, d, N)-contiguous tensor (math fallback)
@@ -242,9 +230,9 @@ def softmax_attention(q, k, v, cos, sin):
     return F.scaled_dot_product_attention(q, k, v).transpose(-2, -1)  # (B, h, N, d) -> (B, h, d, N)
 
 
-def softmax_matrix(q, k, cos, sin):
+def softmax_matrix(q, k, rot):
     """The explicit softmax attention matrix (B, h, N, N), for comparison with `rala_matrix`."""
-    q, k = rope(q, cos, sin), rope(k, cos, sin)  # (B, h, d, N)
+    q, k = rope(q, rot), rope(k, rot)  # (B, h, d, N)
     return torch.softmax(q.transpose(-2, -1) @ k * q.shape[-2] ** -0.5, dim=-1)  # (B, h, N, N)
 
 
@@ -282,12 +270,12 @@ class Attention(nn.Module):
         y = F.conv2d(x, self.qkvo.weight[i * C:(i + 1) * C], self.qkvo.bias[i * C:(i + 1) * C])
         return y.reshape(B, self.num_heads, C // self.num_heads, H * W)  # (B, h, d, N)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, rot):
         B, C, H, W = x.shape
         use_compiled = x.is_cuda if self.compile_attn is None else self.compile_attn
         core = _compiled(self.kind) if use_compiled else _CORES[self.kind]
         v = self._group(x, 2)
-        y = core(self._group(x, 0), self._group(x, 1), v, cos, sin)  # (B, h, d, N); q, k freed after
+        y = core(self._group(x, 0), self._group(x, 1), v, rot)  # (B, h, d, N); q, k freed after
         # back to a channels-last map: a free view unless the heads' outputs lie apart in memory
         y = y.permute(0, 3, 1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
         y = y + self.lepe(v.reshape(x.shape))  # (B, C, H, W)
@@ -296,10 +284,10 @@ class Attention(nn.Module):
         return self.proj(self._group(x, 3).reshape(x.shape) * y)
 
     @torch.no_grad()
-    def attention_matrix(self, x, cos, sin):
+    def attention_matrix(self, x, rot):
         """The N×N matrix this layer applies to v, (B, h, N, N): for inspection and teaching."""
         q, k = self._group(x, 0), self._group(x, 1)
-        return rala_matrix(q, k, cos, sin) if self.kind == "rala" else softmax_matrix(q, k, cos, sin)
+        return rala_matrix(q, k, rot) if self.kind == "rala" else softmax_matrix(q, k, rot)
 
 
 # -----------------------------------------------------------------------------
@@ -334,10 +322,10 @@ class Block(nn.Module):
         self.gamma_2 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_scale)))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, rot):
         x = x + self.pos(x)  # not folded like the FFN's: the residual stream stays fp32 under autocast
         # addcmul computes x + γ·branch in one pass (DropPath commutes with the per-channel γ)
-        x = torch.addcmul(x, self.gamma_1, self.drop_path(self.attn(self.norm1(x), cos, sin)))
+        x = torch.addcmul(x, self.gamma_1, self.drop_path(self.attn(self.norm1(x), rot)))
         return torch.addcmul(x, self.gamma_2, self.drop_path(self.ffn(self.norm2(x))))
 
 
@@ -366,9 +354,9 @@ class Stage(nn.Module):
         self.downsample = Downsample(dim, out_dim) if out_dim else None
 
     def forward(self, x):
-        cos, sin = self.RoPE(*x.shape[-2:])  # (d, N) each
+        rot = self.RoPE(*x.shape[-2:])  # (N, d/2, 2)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, rot)
         return x
 
 
@@ -760,21 +748,23 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
     if "layer" in sections:
         print(f"\nattention layer alone (C=64, 1 head, batch 1, inference): ms | extra peak MB")
         print(f"{'side':>5}{'tokens':>8}{'RALA':>15}{'softmax (SDPA)':>15}"
-              + ("   release RALA" if release else ""))
+              + ("   release RALA  x (release / ours)" if release else ""))
+        cl = torch.channels_last
         for side in layer_sides:
             xl = torch.randn(1, side, side, 64, device=device).permute(0, 3, 1, 2)  # channels-last
-            rala_layer = Attention(64, 1, "rala", compile_attn=False).to(device)
-            softmax_layer = Attention(64, 1, "softmax", compile_attn=False).to(device)
-            cos, sin = RoPE2d(64).to(device)(side, side)
-            calls = [run(lambda: rala_layer(xl, cos, sin)), run(lambda: softmax_layer(xl, cos, sin))]
+            # the layers as the model runs them: channels-last weights, like the activations
+            rala_layer = Attention(64, 1, "rala", compile_attn=False).to(device, memory_format=cl)
+            softmax_layer = Attention(64, 1, "softmax", compile_attn=False).to(device, memory_format=cl)
+            rot = RoPE2d(64).to(device)(side, side)
+            calls = [run(lambda: rala_layer(xl, rot)), run(lambda: softmax_layer(xl, rot))]
             if release:  # the release's layer, same weights; it takes (x, sin, cos) from its own RoPE
                 rel_layer = release.GateLinearAttentionNoSilu(64, 1).to(device)
                 rel_layer.load_state_dict(rala_layer.state_dict())
                 rel_sin, rel_cos = release.RoPE(64, 1).to(device)((side, side))
                 calls.append(run(lambda: rel_layer(xl, rel_sin, rel_cos)))
             results = _measure(calls, device, repeats)
-            print(f"{side:>5}{side * side:>8}"
-                  + "".join(f"{t * 1e3:>9.2f} |{m:>4.0f}" for t, m in results))
+            print(f"{side:>5}{side * side:>8}" + "".join(f"{t * 1e3:>9.2f} |{m:>4.0f}" for t, m in results)
+                  + (f"{results[2][0] / results[0][0]:>8.2f}" if release else ""))
 
     if "highres" in sections:
         ref, hybrid = twin(variants[0], features_only=True)

@@ -116,26 +116,27 @@ def test_rope_tables_follow_spec():
     expected = torch.tensor([10000.0 ** (-m / (d4 - 1)) for m in range(d4)]).repeat_interleave(2)
     torch.testing.assert_close(rope.angle, expected)
     x = torch.randn(1, 1, 3 * 4, 16)
-    cos, sin = rope(3, 4)
-    assert cos.shape == sin.shape == (16, 12)
-    torch.testing.assert_close(ravlt.rope(heads_first(x), cos, sin),
+    rot = rope(3, 4)  # one unit complex number e^{iθ} per token and channel pair
+    assert rot.shape == (12, 8, 2) and rot.dtype == torch.float32  # (cos θ, sin θ) pairs
+    torch.testing.assert_close(rot.square().sum(-1), torch.ones(12, 8))
+    torch.testing.assert_close(ravlt.rope(heads_first(x), rot),
                                heads_first(spec_rope(x, 3, 4)).float(), atol=1e-5, rtol=1e-5)
 
 
 def test_rala_linear_form_equals_spec_equations(qkv):
     (q, k, v), (H, W) = qkv
-    cos, sin = ravlt.RoPE2d(q.shape[-1])(H, W)
-    y = ravlt.rala(heads_first(q), heads_first(k), heads_first(v), cos, sin)  # (B, h, d, N)
+    rot = ravlt.RoPE2d(q.shape[-1])(H, W)
+    y = ravlt.rala(heads_first(q), heads_first(k), heads_first(v), rot)  # (B, h, d, N)
     torch.testing.assert_close(y.double(), heads_first(spec_rala(q, k, v, H, W)), atol=1e-5, rtol=1e-4)
 
 
 def test_rala_explicit_matrix_equals_linear_form(qkv):
     (q, k, v), (H, W) = qkv
-    cos, sin = ravlt.RoPE2d(q.shape[-1])(H, W)
+    rot = ravlt.RoPE2d(q.shape[-1])(H, W)
     q, k, v = heads_first(q), heads_first(k), heads_first(v)
-    A = ravlt.rala_matrix(q, k, cos, sin)  # (B, h, N, N)
+    A = ravlt.rala_matrix(q, k, rot)  # (B, h, N, N)
     assert A.shape == (2, 2, H * W, H * W)
-    torch.testing.assert_close(v @ A.transpose(-2, -1), ravlt.rala(q, k, v, cos, sin), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(v @ A.transpose(-2, -1), ravlt.rala(q, k, v, rot), atol=1e-5, rtol=1e-4)
     # the linear-attention matrix has rank <= d however many tokens there are (float32 noise aside)
     sigma = torch.linalg.svdvals(A[0, 0].double())
     assert sigma[q.shape[-2]] / sigma[0] < 1e-5 < sigma[q.shape[-2] - 1] / sigma[0]
@@ -143,10 +144,10 @@ def test_rala_explicit_matrix_equals_linear_form(qkv):
 
 def test_softmax_attention_equals_spec_and_explicit_matrix(qkv):
     (q, k, v), (H, W) = qkv
-    cos, sin = ravlt.RoPE2d(q.shape[-1])(H, W)
-    y = ravlt.softmax_attention(heads_first(q), heads_first(k), heads_first(v), cos, sin)
+    rot = ravlt.RoPE2d(q.shape[-1])(H, W)
+    y = ravlt.softmax_attention(heads_first(q), heads_first(k), heads_first(v), rot)
     torch.testing.assert_close(y.double(), heads_first(spec_softmax(q, k, v, H, W)), atol=1e-5, rtol=1e-4)
-    A = ravlt.softmax_matrix(heads_first(q), heads_first(k), cos, sin)
+    A = ravlt.softmax_matrix(heads_first(q), heads_first(k), rot)
     torch.testing.assert_close(heads_first(v) @ A.transpose(-2, -1), y, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(A.sum(-1), torch.ones(A.shape[:-1]))
 
@@ -158,7 +159,7 @@ def test_attention_frame_gate_lepe_and_head_major_channels(kind):
     d = C // h
     attn = randomize_(ravlt.Attention(C, h, kind)).eval()
     x = torch.randn(B, C, H, W)
-    cos, sin = ravlt.RoPE2d(d)(H, W)
+    rot = ravlt.RoPE2d(d)(H, W)
     q, k, v, o = F.conv2d(x, attn.qkvo.weight, attn.qkvo.bias).split(C, dim=1)
     tokens = [t.flatten(2).unflatten(1, (h, d)).transpose(-2, -1) for t in (q, k, v)]  # (B, h, N, d)
     y = (spec_rala if kind == "rala" else spec_softmax)(*tokens, H, W)
@@ -166,8 +167,8 @@ def test_attention_frame_gate_lepe_and_head_major_channels(kind):
     lepe = F.conv2d(v, attn.lepe.weight, attn.lepe.bias, padding=2, groups=C)
     expected = F.conv2d(o * (y + lepe), attn.proj.weight, attn.proj.bias)
     with torch.no_grad():
-        torch.testing.assert_close(attn(x, cos, sin), expected, atol=1e-4, rtol=1e-4)
-        A = attn.attention_matrix(x, cos, sin)
+        torch.testing.assert_close(attn(x, rot), expected, atol=1e-4, rtol=1e-4)
+        A = attn.attention_matrix(x, rot)
     assert A.shape == (B, h, H * W, H * W)
 
 
@@ -180,7 +181,7 @@ def test_model_attention_matrices_are_those_of_the_real_forward():
         h = model.patch_embed.proj(x)
         blk = model.layers[0].blocks[0]
         h = h + blk.pos(h)
-        expected = blk.attn.attention_matrix(blk.norm1(h), *model.layers[0].RoPE(16, 16))
+        expected = blk.attn.attention_matrix(blk.norm1(h), model.layers[0].RoPE(16, 16))
         model.train()
     torch.testing.assert_close(model.attention_matrices(x, stage=0, block=0), expected)
     assert model.training and torch.equal(model.patch_embed.proj[1].running_mean, stats)
@@ -191,10 +192,9 @@ def test_model_attention_matrices_are_those_of_the_real_forward():
 
 
 def test_rope_tables_stay_accurate_in_a_bf16_model():
-    cos32, sin32 = ravlt.RoPE2d(64)(64, 64)
-    cos16, sin16 = ravlt.RoPE2d(64).bfloat16()(64, 64)  # angles up to 63 rad: bf16 steps are 0.25
-    assert cos16.dtype == torch.bfloat16
-    assert (cos16.float() - cos32).abs().max() < 1e-2 and (sin16.float() - sin32).abs().max() < 1e-2
+    rot32 = ravlt.RoPE2d(64)(64, 64)
+    rot16 = ravlt.RoPE2d(64).bfloat16()(64, 64)  # angles up to 63 rad: bf16 steps would be 0.25
+    assert rot16.dtype == torch.float32 and torch.equal(rot16, rot32)
 
 
 def test_state_dict_keys_are_the_release_layout():
@@ -345,11 +345,11 @@ def test_fully_linear_model_is_finite_at_1024_under_autocast(name, dtype):
 
 def test_rala_keeps_float32_inside_autocast(qkv):
     (q, k, v), (H, W) = qkv
-    cos, sin = ravlt.RoPE2d(q.shape[-1])(H, W)
+    rot = ravlt.RoPE2d(q.shape[-1])(H, W)
     q, k, v = (heads_first(t) for t in (q, k, v))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = ravlt.rala(q.bfloat16(), k.bfloat16(), v.bfloat16(), cos, sin)
-    ref = ravlt.rala(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), cos, sin)
+        y = ravlt.rala(q.bfloat16(), k.bfloat16(), v.bfloat16(), rot)
+    ref = ravlt.rala(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), rot)
     assert y.dtype == torch.bfloat16
     # only the final cast is in bf16: error is one bf16 rounding, not an accumulation of them
     assert rel_err(y.float(), ref) < 2 ** -8
@@ -949,9 +949,9 @@ def test_rope_equals_rotation_matrices(channels_last):
     B, h, d, H, W = 2, 2, 8, 3, 5
     x = torch.randn(B, H, W, h * d) if channels_last else torch.randn(B, h * d, H, W)
     x = (x.permute(0, 3, 1, 2) if channels_last else x).reshape(B, h, d, H * W)  # (B, h, d, N)
-    cos, sin = ravlt.RoPE2d(d)(H, W)
+    rot = ravlt.RoPE2d(d)(H, W)
     oracle = heads_first(spec_rope(heads_first(x), H, W))  # the model section's 2×2 rotations
-    torch.testing.assert_close(ravlt.rope(x, cos, sin).double(), oracle, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ravlt.rope(x, rot).double(), oracle, rtol=1e-5, atol=1e-5)
 
 
 def test_rope_gradient_is_the_inverse_rotation():
@@ -961,9 +961,9 @@ def test_rope_gradient_is_the_inverse_rotation():
     d, H, W = 8, 4, 3
     x = torch.randn(1, 1, d, H * W, requires_grad=True)
     g = torch.randn(1, 1, d, H * W)
-    cos, sin = ravlt.RoPE2d(d)(H, W)
-    (ravlt.rope(x, cos, sin) * g).sum().backward()
-    torch.testing.assert_close(ravlt.rope(x.grad, cos, sin), g, rtol=1e-5, atol=1e-5)
+    rot = ravlt.RoPE2d(d)(H, W)
+    (ravlt.rope(x, rot) * g).sum().backward()
+    torch.testing.assert_close(ravlt.rope(x.grad, rot), g, rtol=1e-5, atol=1e-5)
 
 
 def test_rala_gradients_match_the_explicit_matrix_form():
@@ -971,10 +971,10 @@ def test_rala_gradients_match_the_explicit_matrix_form():
     torch.manual_seed(0)
     B, h, d, H, W = 2, 2, 8, 4, 5
     q, k, v = (torch.randn(B, h, d, H * W, requires_grad=True) for _ in range(3))
-    cos, sin = ravlt.RoPE2d(d)(H, W)
+    rot = ravlt.RoPE2d(d)(H, W)
     g = torch.randn(B, h, d, H * W)
-    grads_fast = torch.autograd.grad((ravlt.rala(q, k, v, cos, sin) * g).sum(), (q, k, v))
-    y_matrix = (ravlt.rala_matrix(q, k, cos, sin) @ v.transpose(-2, -1)).transpose(-2, -1)
+    grads_fast = torch.autograd.grad((ravlt.rala(q, k, v, rot) * g).sum(), (q, k, v))
+    y_matrix = (ravlt.rala_matrix(q, k, rot) @ v.transpose(-2, -1)).transpose(-2, -1)
     grads_matrix = torch.autograd.grad((y_matrix * g).sum(), (q, k, v))
     for fast, ref in zip(grads_fast, grads_matrix):
         torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
@@ -999,9 +999,9 @@ def test_attention_is_the_same_in_both_memory_layouts(kind, heads):
     torch.manual_seed(0)
     attn = ravlt.Attention(16, heads, kind, compile_attn=False)
     x = torch.randn(2, 16, 6, 7)
-    cos, sin = ravlt.RoPE2d(16 // heads)(6, 7)
-    y_nchw = attn(x, cos, sin)
-    y_cl = attn(x.contiguous(memory_format=torch.channels_last), cos, sin)
+    rot = ravlt.RoPE2d(16 // heads)(6, 7)
+    y_nchw = attn(x, rot)
+    y_cl = attn(x.contiguous(memory_format=torch.channels_last), rot)
     torch.testing.assert_close(y_cl, y_nchw, rtol=1e-5, atol=1e-6)
 
 
