@@ -592,7 +592,8 @@ def count_macs(model, size=224, batch=1):
     """Multiply-accumulates of one forward (convolutions + matmuls + attention), via flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.zeros(batch, model.in_chans, size, size, device=next(model.parameters()).device)
+    param = next(model.parameters())
+    x = torch.zeros(batch, getattr(model, "in_chans", 3), size, size, device=param.device)
     was_training = model.training
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.eval()(x)
@@ -713,16 +714,12 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
           f"{'bf16 autocast' if amp else 'fp32'} | best of {repeats} | MB: extra peak memory | "
           f"x: speed-up over each model's first row")
     if "models" in sections:
-        print(f"\n{'model':<11}{'path':<9}{'GMACs':>6}{'infer img/s':>12}{'GMAC/s':>7}{'x':>6}{'MB':>6}"
+        print(f"\n{'model':<15}{'path':<12}{'GMACs':>6}{'infer img/s':>12}{'GMAC/s':>7}{'x':>6}{'MB':>6}"
               f"{'train img/s':>12}{'x':>6}{'MB':>6}")
         x = torch.randn(batch, 3, size, size, device=device)
         xt, target = x[:train_batch], torch.randint(0, 1000, (train_batch,), device=device)
-        for name in variants:
-            ref, ours = twin(name)
-            paths = {"release": ref, "eager": ours} if ref is not None else {"eager": ours}
-            if compile:
-                paths["compiled"] = create_model(name, compile_attn=True)
-                paths["compiled"].load_state_dict(ours.state_dict())
+
+        def time_models(name, paths, macs):  # one row per path: inference, then training step
             infer, train = [], []
             for model in paths.values():
                 model.to(device)
@@ -735,15 +732,25 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
 
                 infer.append(run(lambda model=model: model.eval()(x)))
                 train.append(run(train_step, grad=True))
-            macs = count_macs(ours.cpu(), size) / 1e9  # per image
-            ours.to(device)
             rows = zip(paths, _measure(infer, device, repeats), _measure(train, device, repeats))
             for i, (path, (t_inf, mb_inf), (t_train, mb_train)) in enumerate(rows):
                 if i == 0:
                     base_inf, base_train = t_inf, t_train
-                print(f"{name:<11}{path:<9}{macs:>6.2f}{batch / t_inf:>12.1f}{macs * batch / t_inf:>7.0f}"
+                print(f"{name:<15}{path:<12}{macs:>6.2f}{batch / t_inf:>12.1f}{macs * batch / t_inf:>7.0f}"
                       f"{base_inf / t_inf:>6.2f}{mb_inf:>6.0f}{train_batch / t_train:>12.2f}"
                       f"{base_train / t_train:>6.2f}{mb_train:>6.0f}")
+
+        for name in variants:
+            ref, ours = twin(name)
+            paths = {"release": ref, "eager": ours} if ref is not None else {"eager": ours}
+            if compile:
+                paths["compiled"] = create_model(name, compile_attn=True)
+                paths["compiled"].load_state_dict(ours.state_dict())
+            time_models(name, paths, count_macs(ours, size) / 1e9)
+        # A reference for the MAC rate: a well-tuned convnet of similar cost, run the same way
+        from torchvision.models import convnext_tiny
+        convnext = convnext_tiny().to(memory_format=torch.channels_last)
+        time_models("convnext_tiny", {"torchvision": convnext}, count_macs(convnext, size) / 1e9)
 
     if "layer" in sections:
         print(f"\nattention layer alone (C=64, 1 head, batch 1, inference): ms | extra peak MB")

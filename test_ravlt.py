@@ -1040,6 +1040,9 @@ def test_bench_quick_runs_and_prints_every_section(capsys):
     rows = [line.split() for line in out.splitlines()]
     model_row = next(r for r in rows if r[:2] == ["ravlt_nano", "eager"])
     assert float(model_row[3]) > 0 and float(model_row[7]) > 0  # inference and training img/s
+    convnext_row = next(r for r in rows if r[:2] == ["convnext_tiny", "torchvision"])
+    # the MAC-rate reference: convnext_tiny's 4.45 GMACs at 224² scale to (64/224)² at 64²
+    assert float(convnext_row[2]) == pytest.approx(4.45 * (64 / 224) ** 2, abs=0.01)
     layer_rows = [r for r in rows if r[:2] in (["8", "64"], ["16", "256"])]
     assert len(layer_rows) == 2  # RALA and softmax at two sizes
     assert any(r[:1] == ["96x128"] for r in rows)  # the high-resolution table
