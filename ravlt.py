@@ -790,6 +790,9 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
             results = _measure(calls, device, repeats)
             print(f"{side:>5}{side * side:>8}" + "".join(f"{t * 1e3:>9.2f} |{m:>4.0f}" for t, m in results)
                   + (f"{results[2][0] / results[0][0]:>8.2f}" if release else ""))
+        # ELU's speed varies across machines and builds (see _Phi); this makes it visible
+        (t_elu, _), (t_phi, _) = _measure([run(lambda: F.elu(xl) + 1), run(lambda: phi(xl))], device, repeats)
+        print(f"φ on the largest map: F.elu(x) + 1 {t_elu * 1e3:.2f} ms, ravlt.phi {t_phi * 1e3:.2f} ms")
 
     if "highres" in sections:
         ref, hybrid = twin(variants[0], features_only=True)

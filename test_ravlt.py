@@ -1094,3 +1094,4 @@ def test_bench_quick_runs_and_prints_every_section(capsys):
     layer_rows = [r for r in rows if r[:2] in (["8", "64"], ["16", "256"])]
     assert len(layer_rows) == 2  # RALA and softmax at two sizes
     assert any(r[:1] == ["96x128"] for r in rows)  # the high-resolution table
+    assert any(r[:5] == ["φ", "on", "the", "largest", "map:"] for r in rows)  # ELU vs phi timing
