@@ -321,7 +321,9 @@ class FFN(nn.Module):
         self.fc2 = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x):
-        x = F.gelu(self.fc1(x))  # (B, F, H, W)
+        x = self.fc1(x)  # (B, F, H, W): the widest tensor of the block
+        # GELU in place when no gradient will need its input (inference): one fewer such tensor
+        x = F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x)
         return self.fc2(conv_plus_identity(self.dwconv, x))  # x + dwconv(x): (B, C, H, W)
 
 

@@ -333,6 +333,35 @@ def test_compiled_attention_equals_eager_on_cpu():
     assert ravlt._compiled_cores, "the compiled path was not taken"
 
 
+def test_compiled_attention_gives_eager_gradients_on_cpu():
+    # on CUDA the compiled cores are the default for training: their backward (inductor's, through
+    # phi's and rope's compiled forms) must give the eager gradients
+    torch.manual_seed(0)
+    x, target = torch.randn(2, 3, 64, 48), torch.tensor([1, 7])
+    eager = randomize_(ravlt.create_model("ravlt_nano", compile_attn=False, drop_path_rate=0.0))
+    compiled = ravlt.create_model("ravlt_nano", compile_attn=True, drop_path_rate=0.0)
+    compiled.load_state_dict(eager.state_dict())
+    grads = []
+    for model in (eager, compiled):
+        F.cross_entropy(model.train()(x), target).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert rel_err(grads[1], grads[0]) < 1e-4
+
+
+def test_ffn_in_place_gelu_only_without_autograd():
+    torch.manual_seed(0)
+    ffn = ravlt.FFN(8, 28)
+    x = torch.randn(2, 8, 5, 6)
+    with torch.no_grad():
+        fast = ffn(x)  # GELU in place
+    kept = ffn(x)  # with autograd: GELU out of place, its input kept for backward
+    expected = ffn.fc2(ffn.dwconv(F.gelu(ffn.fc1(x))) + F.gelu(ffn.fc1(x)))
+    torch.testing.assert_close(fast, expected)
+    torch.testing.assert_close(kept, expected)
+    kept.sum().backward()
+    assert ffn.fc1.weight.grad is not None
+
+
 @pytest.mark.parametrize("name, dtype", [("ravlt_nano", torch.bfloat16), ("ravlt_nano", torch.float16),
                                          ("ravlt_t", torch.bfloat16)])  # fp16 convs are slow on CPU
 def test_fully_linear_model_is_finite_at_1024_under_autocast(name, dtype):
