@@ -140,15 +140,18 @@ def rope(x, rot):
     (x_2i + i·x_2i+1)·e^{iθ} gives out[2i] = x[2i]·cos θ - x[2i+1]·sin θ,
                                     out[2i+1] = x[2i+1]·cos θ + x[2i]·sin θ.
     rot is RoPE2d's table, (N, d/2, 2). Autograd differentiates it by itself (by e^{-iθ})."""
-    xt = x.float().transpose(-2, -1)  # (..., N, d): a free view for the model's channels-last maps
-    if xt.stride(-1) != 1:  # pairs must be adjacent in memory to be read as complex numbers
+    dtype = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 rotate in float32, float64 stays
+    xt = x.to(dtype).transpose(-2, -1)  # (..., N, d): a free view for the model's channels-last maps
+    # Read as complex numbers, pairs must be adjacent in memory and start at even offsets
+    if xt.stride(-1) != 1 or xt.storage_offset() % 2 or any(s % 2 for s in xt.stride()[:-1]):
         xt = xt.contiguous()
-    pairs = xt.unflatten(-1, (-1, 2))  # (..., N, d/2, 2): real and imaginary parts
+    pairs, rot = xt.unflatten(-1, (-1, 2)), rot.to(dtype)  # (..., N, d/2, 2): real, imaginary parts
     if torch.compiler.is_compiling():  # inductor emits no code for complex numbers: spell it out
         re, im, cos, sin = pairs[..., 0], pairs[..., 1], rot[..., 0], rot[..., 1]
         out = torch.stack((re * cos - im * sin, im * cos + re * sin), dim=-1)  # (..., N, d/2, 2)
     else:  # eager: one vectorised complex multiplication (the real form above is 7 kernels)
-        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rot))
+        product = torch.view_as_complex(pairs) * torch.view_as_complex(rot)  # (..., N, d/2) complex
+        out = torch.view_as_real(product)  # (..., N, d/2, 2)
     return out.flatten(-2).to(x.dtype).transpose(-2, -1)  # (..., N, d) -> (..., d, N)
 
 
@@ -157,16 +160,26 @@ class _Phi(torch.autograd.Function):
     # because F.elu computes expm1, whose CPU kernel ran up to 13x slower than exp's on the machine
     # of README's figures. The derivative is min(φ, 1), so backward keeps only φ, which the
     # attention keeps anyway (ELU's own backward would keep x as well).
+    generate_vmap_rule = True  # element-wise, so torch.func.vmap can batch it by itself
+
     @staticmethod
-    def forward(ctx, x):
-        y = x.clamp(max=0).exp_().add_(x.clamp(min=0))
-        ctx.save_for_backward(y)
-        return y
+    def forward(x):
+        return x.clamp(max=0).exp_().add_(x.clamp(min=0))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         return grad * y.clamp(max=1.0)
+
+    @staticmethod
+    def jvp(ctx, x_dot):  # forward-mode AD (torch.func.jvp) with the same derivative
+        (y,) = ctx.saved_tensors
+        return x_dot * y.clamp(max=1.0)
 
 
 def phi(x):
@@ -259,7 +272,7 @@ _compiled_cores = {}
 
 def _compiled(kind):
     # Compiled once per kind and shared by all layers; inductor fuses RALA's element-wise chain
-    # (ELU, α weighting, RoPE, normaliser) into a few kernels around the two matmuls.
+    # (φ, α weighting, RoPE, normaliser) into a few kernels around the two matmuls.
     if kind not in _compiled_cores:
         _compiled_cores[kind] = torch.compile(_CORES[kind], dynamic=None)
     return _compiled_cores[kind]
@@ -321,9 +334,7 @@ class FFN(nn.Module):
         self.fc2 = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x):
-        x = self.fc1(x)  # (B, F, H, W): the widest tensor of the block
-        # GELU in place when no gradient will need its input (inference): one fewer such tensor
-        x = F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x)
+        x = F.gelu(self.fc1(x))  # (B, F, H, W)
         return self.fc2(conv_plus_identity(self.dwconv, x))  # x + dwconv(x): (B, C, H, W)
 
 
@@ -782,7 +793,7 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
             # the layers as the model runs them: channels-last weights, like the activations
             rala_layer = Attention(64, 1, "rala", compile_attn=False).to(device, memory_format=cl)
             softmax_layer = Attention(64, 1, "softmax", compile_attn=False).to(device, memory_format=cl)
-            rot = RoPE2d(64).to(device)(side, side)
+            rot = RoPE2d(64).to(device)(side, side)  # (N, d/2, 2)
             calls = [run(lambda: rala_layer(xl, rot)), run(lambda: softmax_layer(xl, rot))]
             if release:  # the release's layer, same weights; it takes (x, sin, cos) from its own RoPE
                 rel_layer = release.GateLinearAttentionNoSilu(64, 1).to(device)
@@ -793,6 +804,7 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
             print(f"{side:>5}{side * side:>8}" + "".join(f"{t * 1e3:>9.2f} |{m:>4.0f}" for t, m in results)
                   + (f"{results[2][0] / results[0][0]:>8.2f}" if release else ""))
         # ELU's speed varies across machines and builds (see _Phi); this makes it visible
+        xl = torch.randn(1, 64, max(layer_sides) ** 2, device=device)  # (1, C, N) at the largest side
         (t_elu, _), (t_phi, _) = _measure([run(lambda: F.elu(xl) + 1), run(lambda: phi(xl))], device, repeats)
         print(f"φ on the largest map: F.elu(x) + 1 {t_elu * 1e3:.2f} ms, ravlt.phi {t_phi * 1e3:.2f} ms")
 

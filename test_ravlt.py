@@ -348,20 +348,6 @@ def test_compiled_attention_gives_eager_gradients_on_cpu():
     assert rel_err(grads[1], grads[0]) < 1e-4
 
 
-def test_ffn_in_place_gelu_only_without_autograd():
-    torch.manual_seed(0)
-    ffn = ravlt.FFN(8, 28)
-    x = torch.randn(2, 8, 5, 6)
-    with torch.no_grad():
-        fast = ffn(x)  # GELU in place
-    kept = ffn(x)  # with autograd: GELU out of place, its input kept for backward
-    expected = ffn.fc2(ffn.dwconv(F.gelu(ffn.fc1(x))) + F.gelu(ffn.fc1(x)))
-    torch.testing.assert_close(fast, expected)
-    torch.testing.assert_close(kept, expected)
-    kept.sum().backward()
-    assert ffn.fc1.weight.grad is not None
-
-
 @pytest.mark.parametrize("name, dtype", [("ravlt_nano", torch.bfloat16), ("ravlt_nano", torch.float16),
                                          ("ravlt_t", torch.bfloat16)])  # fp16 convs are slow on CPU
 def test_fully_linear_model_is_finite_at_1024_under_autocast(name, dtype):
@@ -999,6 +985,33 @@ def test_phi_and_its_gradient_equal_elu_plus_one():
     assert (ours > 0).all()
 
 
+def test_phi_works_with_torch_func():
+    # the hand-written derivative also serves torch.func: grad, vmap and forward-mode jvp
+    x = torch.randn(3, 7, dtype=torch.float64)
+    elu1 = lambda t: F.elu(t) + 1  # noqa: E731
+    torch.testing.assert_close(torch.func.grad(lambda t: ravlt.phi(t).sum())(x),
+                               torch.func.grad(lambda t: elu1(t).sum())(x))
+    torch.testing.assert_close(torch.func.vmap(ravlt.phi)(x), elu1(x))
+    v = torch.randn_like(x)
+    torch.testing.assert_close(torch.func.jvp(ravlt.phi, (x,), (v,))[1], torch.func.jvp(elu1, (x,), (v,))[1])
+
+
+def test_rope_keeps_float64_and_takes_any_layout():
+    # float64 stays float64 (gradcheck needs it); odd offsets and strides cannot be viewed as
+    # complex numbers in place, so rope copies them first
+    torch.manual_seed(0)
+    d, H, W = 8, 3, 4
+    rot = ravlt.RoPE2d(d)(H, W)
+    x = torch.randn(2, d, H * W, dtype=torch.float64, requires_grad=True)
+    assert ravlt.rope(x, rot).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda t: ravlt.rope(t, rot), (x,))
+    base = torch.randn(1, 1, H * W, d + 1)
+    odd = base[..., 1:].transpose(-2, -1)  # (1, 1, d, N) starting at an odd offset
+    torch.testing.assert_close(ravlt.rope(odd, rot), ravlt.rope(odd.contiguous(), rot))
+    oracle = heads_first(spec_rope(heads_first(odd), H, W))
+    torch.testing.assert_close(ravlt.rope(odd, rot).double(), oracle, rtol=1e-5, atol=1e-5)
+
+
 def test_rope_real_form_for_torch_compile_equals_the_complex_form(monkeypatch):
     # inductor emits no code for complex numbers, so under torch.compile rope writes the product
     # out in reals; force that branch in eager and hold both to the 2×2-rotation oracle.
@@ -1027,7 +1040,8 @@ def test_rope_gradient_is_the_inverse_rotation():
 
 
 def test_rala_gradients_match_the_explicit_matrix_form():
-    # rala uses in-place steps (φ, the normaliser); its gradients must equal those of Y = V Aᵀ.
+    # rala has an in-place step (the normaliser) and a hand-written derivative (φ); its
+    # gradients must equal those of Y = V Aᵀ.
     torch.manual_seed(0)
     B, h, d, H, W = 2, 2, 8, 4, 5
     q, k, v = (torch.randn(B, h, d, H * W, requires_grad=True) for _ in range(3))
