@@ -985,6 +985,8 @@ def test_phi_and_its_gradient_equal_elu_plus_one():
     assert (ours > 0).all()
 
 
+# forward-mode AD loads torch's own TorchScript decompositions, which warn about torch.jit.script
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_phi_works_with_torch_func():
     # the hand-written derivative also serves torch.func: grad, vmap and forward-mode jvp
     x = torch.randn(3, 7, dtype=torch.float64)
