@@ -39,6 +39,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+try:  # page-fault counts in the benchmark (Unix only)
+    import resource
+except ImportError:
+    resource = None
+
 # -----------------------------------------------------------------------------
 # Config: one value per stage in every tuple
 
@@ -160,8 +165,8 @@ LOG2_E = math.log2(math.e)
 
 class _Phi(torch.autograd.Function):
     # ELU(x) + 1 is exp(x) below 0 and x + 1 above, i.e. exp(min(x, 0)) + max(x, 0), with
-    # e^m = 2^(m·log2 e). Written so for speed: on CPU, torch's exp and ELU's expm1 go through
-    # MKL's vector math, which on the AMD machine of README's figures ran ~4x slower than exp2
+    # e^m = 2^(m·log2 e). Written so for speed: torch's CPU exp calls MKL's vsExp (ATen/cpu/vml.h),
+    # which on the AMD machine of README's figures ran ~4x slower than exp2, and F.elu was as slow
     # (the bench's "φ" line compares). The derivative is min(φ, 1), so backward keeps only φ,
     # which the attention keeps anyway (ELU's own backward would keep x as well).
     generate_vmap_rule = True  # element-wise, so torch.func.vmap can batch it by itself
@@ -659,10 +664,17 @@ def _machine(device):
         return platform.processor() or "unknown CPU"
 
 
+def _minor_faults():
+    """Page faults of this process so far (first touches of memory the OS must map; 0 off Unix)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
+
 def _measure(fns, device, repeats):
-    """(best seconds per call, extra peak MB) of each fn. A warm-up call each (which also compiles)
-    sets how many calls one timing spans (>= 50 ms, so that short calls are timed reliably); the
-    timings of the fns are interleaved, so that a change of load on the machine hits all alike."""
+    """(best seconds per call, extra peak MB, page faults per call) of each fn. A warm-up call each
+    (which also compiles) sets how many calls one timing spans (>= 50 ms, so that short calls are
+    timed reliably); the timings of the fns are interleaved, so that a change of load on the
+    machine hits all alike. Faults are averaged over all timed calls: a freed block that the
+    allocator gave back to the OS is faulted in again, page by page, when reused (see README)."""
     def timed(fn, calls):
         torch.cuda.synchronize() if device.type == "cuda" else None
         start = time.perf_counter()
@@ -672,11 +684,13 @@ def _measure(fns, device, repeats):
         return (time.perf_counter() - start) / calls
 
     calls = [max(1, math.ceil(0.05 / timed(fn, 1))) for fn in fns]
-    best = [math.inf] * len(fns)
+    best, faults = [math.inf] * len(fns), [0] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
+            start = _minor_faults()
             best[i] = min(best[i], timed(fn, calls[i]))
-    return [(t, _peak_mb(fn, device)) for t, fn in zip(best, fns)]
+            faults[i] += _minor_faults() - start
+    return [(t, _peak_mb(fn, device), f / (repeats * c)) for t, fn, f, c in zip(best, fns, faults, calls)]
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -748,10 +762,10 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
 
     print(f"{_machine(device)} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
           f"{'bf16 autocast' if amp else 'fp32'} | best of {repeats} | MB: extra peak memory | "
-          f"x: speed-up over each model's first row")
+          f"x: speed-up over each model's first row | faults: page faults per call (host memory)")
     if "models" in sections:
         print(f"\n{'model':<15}{'path':<12}{'GMACs':>6}{'infer img/s':>12}{'GMAC/s':>7}{'x':>6}{'MB':>6}"
-              f"{'train img/s':>12}{'x':>6}{'MB':>6}")
+              f"{'faults':>8}{'train img/s':>12}{'x':>6}{'MB':>6}{'faults':>8}")
         x = torch.randn(batch, 3, size, size, device=device)
         xt, target = x[:train_batch], torch.randint(0, 1000, (train_batch,), device=device)
 
@@ -769,12 +783,12 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
                 infer.append(run(lambda model=model: model.eval()(x)))
                 train.append(run(train_step, grad=True))
             rows = zip(paths, _measure(infer, device, repeats), _measure(train, device, repeats))
-            for i, (path, (t_inf, mb_inf), (t_train, mb_train)) in enumerate(rows):
+            for i, (path, (t_inf, mb_inf, pf_inf), (t_train, mb_train, pf_train)) in enumerate(rows):
                 if i == 0:
                     base_inf, base_train = t_inf, t_train
                 print(f"{name:<15}{path:<12}{macs:>6.2f}{batch / t_inf:>12.1f}{macs * batch / t_inf:>7.0f}"
-                      f"{base_inf / t_inf:>6.2f}{mb_inf:>6.0f}{train_batch / t_train:>12.2f}"
-                      f"{base_train / t_train:>6.2f}{mb_train:>6.0f}")
+                      f"{base_inf / t_inf:>6.2f}{mb_inf:>6.0f}{pf_inf:>8.0f}{train_batch / t_train:>12.2f}"
+                      f"{base_train / t_train:>6.2f}{mb_train:>6.0f}{pf_train:>8.0f}")
 
         for name in variants:
             ref, ours = twin(name)
@@ -788,9 +802,9 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
             time_models(name, {"reference": model}, count_macs(model, size) / 1e9)
 
     if "layer" in sections:
-        print(f"\nattention layer alone (C=64, 1 head, batch 1, inference): ms | extra peak MB")
-        print(f"{'side':>5}{'tokens':>8}{'RALA':>15}{'softmax (SDPA)':>15}"
-              + ("   release RALA  x (release / ours)" if release else ""))
+        print(f"\nattention layer alone (C=64, 1 head, batch 1, inference): ms | extra peak MB | faults")
+        print(f"{'side':>5}{'tokens':>8}{'RALA':>22}{'softmax (SDPA)':>22}"
+              + ("          release RALA  x (release / ours)" if release else ""))
         cl = torch.channels_last
         for side in layer_sides:
             xl = torch.randn(1, side, side, 64, device=device).permute(0, 3, 1, 2)  # channels-last
@@ -805,12 +819,15 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
                 rel_sin, rel_cos = release.RoPE(64, 1).to(device)((side, side))
                 calls.append(run(lambda: rel_layer(xl, rel_sin, rel_cos)))
             results = _measure(calls, device, repeats)
-            print(f"{side:>5}{side * side:>8}" + "".join(f"{t * 1e3:>9.2f} |{m:>4.0f}" for t, m in results)
+            print(f"{side:>5}{side * side:>8}"
+                  + "".join(f"{t * 1e3:>9.2f} |{mb:>4.0f} |{pf:>5.0f}" for t, mb, pf in results)
                   + (f"{results[2][0] / results[0][0]:>8.2f}" if release else ""))
-        # ELU's speed varies across machines and builds (see _Phi); this makes it visible
+        # the exponential's speed varies across machines and builds (see _Phi); this makes it visible
         xl = torch.randn(1, 64, max(layer_sides) ** 2, device=device)  # (1, C, N) at the largest side
-        (t_elu, _), (t_phi, _) = _measure([run(lambda: F.elu(xl) + 1), run(lambda: phi(xl))], device, repeats)
-        print(f"φ on the largest map: F.elu(x) + 1 {t_elu * 1e3:.2f} ms, ravlt.phi {t_phi * 1e3:.2f} ms")
+        fns = [lambda: F.elu(xl) + 1, lambda: phi(xl), lambda: torch.exp(xl), lambda: torch.exp2(xl)]
+        ms = [t * 1e3 for t, _, _ in _measure([run(fn) for fn in fns], device, repeats)]
+        print(f"φ on the largest map: F.elu(x) + 1 {ms[0]:.2f} ms, ravlt.phi {ms[1]:.2f} ms; "
+              f"torch.exp {ms[2]:.2f} ms, torch.exp2 {ms[3]:.2f} ms")
 
     if "highres" in sections:
         ref, hybrid = twin(variants[0], features_only=True)
@@ -821,13 +838,13 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
             ref.eval().to(device)
             backbones.append(nn.Sequential(ref.patch_embed, *ref.layers))
         print(f"\nhigh resolution, batch 1, inference, {variants[0]} backbone (features_only): "
-              "s | extra peak MB")
-        print(f"{'input':>10}{'hybrid':>14}{'fully linear':>14}"
-              + ("       release" if ref is not None else ""))
+              "s | extra peak MB | faults")
+        print(f"{'input':>10}{'hybrid':>22}{'fully linear':>22}"
+              + ("              release" if ref is not None else ""))
         for h, w in highres:
             xh = torch.randn(1, 3, h, w, device=device)
             results = _measure([run(lambda b=b: b(xh)) for b in backbones], device, repeats)
-            print(f"{h}x{w}".rjust(10) + "".join(f"{t:>8.3f} |{mb:>4.0f}" for t, mb in results))
+            print(f"{h}x{w}".rjust(10) + "".join(f"{t:>8.3f} |{mb:>4.0f} |{pf:>6.0f}" for t, mb, pf in results))
 
 
 def main(argv=None):

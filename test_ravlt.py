@@ -7,6 +7,7 @@ import datetime
 import importlib.util
 import json
 import math
+import mmap
 import os
 import pickle
 import re
@@ -1133,7 +1134,18 @@ def test_bench_times_reference_models(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     row = next(r for r in rows if r[:2] == ["convnext_tiny", "reference"])
     assert float(row[2]) == pytest.approx(ravlt.count_macs(convnext_tiny(), 64) / 1e9, abs=0.005)
-    assert float(row[3]) > 0 and float(row[7]) > 0  # inference and training img/s
+    assert float(row[3]) > 0 and float(row[8]) > 0  # inference and training img/s
+
+
+@pytest.mark.skipif(ravlt.resource is None, reason="page-fault counts need the Unix resource module")
+def test_measure_counts_page_faults():
+    def touch_fresh_memory():  # 64 MB of new anonymous memory: the OS maps each page at first touch
+        with mmap.mmap(-1, 2**26) as m:  # (>= 32 faults even with 2 MB transparent huge pages)
+            torch.frombuffer(m, dtype=torch.uint8).fill_(1)
+
+    (_, _, faults_fresh), (_, _, faults_none) = ravlt._measure([touch_fresh_memory, lambda: None],
+                                                               torch.device("cpu"), repeats=2)
+    assert faults_fresh >= 32 and faults_none < 1
 
 
 def test_bench_quick_runs_and_prints_every_section(capsys):
@@ -1142,7 +1154,7 @@ def test_bench_quick_runs_and_prints_every_section(capsys):
     assert "torch " + torch.__version__ in out
     rows = [line.split() for line in out.splitlines()]
     model_row = next(r for r in rows if r[:2] == ["ravlt_nano", "eager"])
-    assert float(model_row[3]) > 0 and float(model_row[7]) > 0  # inference and training img/s
+    assert float(model_row[3]) > 0 and float(model_row[8]) > 0  # inference and training img/s
     layer_rows = [r for r in rows if r[:2] in (["8", "64"], ["16", "256"])]
     assert len(layer_rows) == 2  # RALA and softmax at two sizes
     assert any(r[:1] == ["96x128"] for r in rows)  # the high-resolution table
