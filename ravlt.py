@@ -164,16 +164,20 @@ LOG2_E = math.log2(math.e)
 
 
 class _Phi(torch.autograd.Function):
-    # ELU(x) + 1 is exp(x) below 0 and x + 1 above, i.e. exp(min(x, 0)) + max(x, 0), with
-    # e^m = 2^(m·log2 e). Written so for speed: torch's CPU exp calls MKL's vsExp (ATen/cpu/vml.h),
-    # which on the AMD machine of README's figures ran ~4x slower than exp2, and F.elu was as slow
-    # (the bench's "φ" line compares). The derivative is min(φ, 1), so backward keeps only φ,
+    # ELU(x) + 1 is exp(x) below 0 and x + 1 above, i.e. exp(min(x, 0)) + max(x, 0). Written so
+    # for speed: torch's CPU exp calls MKL's vsExp (ATen/cpu/vml.h), which on the AMD machine of
+    # README's figures ran ~4x slower than exp2, and F.elu slower still (the bench's "φ" line
+    # compares), so on CPU e^m is 2^(m·log2 e); in bf16/fp16 rounding m·log2 e would cost too
+    # much, and GPUs have a fast exp. The derivative is min(φ, 1), so backward keeps only φ,
     # which the attention keeps anyway (ELU's own backward would keep x as well).
     generate_vmap_rule = True  # element-wise, so torch.func.vmap can batch it by itself
 
     @staticmethod
     def forward(x):
-        return x.clamp(max=0).mul_(LOG2_E).exp2_().add_(x.clamp(min=0))
+        m = x.clamp(max=0)
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            return m.mul_(LOG2_E).exp2_().add_(x.clamp(min=0))
+        return m.exp_().add_(x.clamp(min=0))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -317,7 +321,7 @@ class Attention(nn.Module):
         y = core(self._group(x, 0), self._group(x, 1), v, rot)  # (B, h, d, N); q, k freed after
         # back to a channels-last map: a free view unless the heads' outputs lie apart in memory
         y = y.permute(0, 3, 1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
-        y = self.lepe(v.reshape(x.shape)).add_(y)  # (B, C, H, W); in place: LePE's output is new
+        y = y + self.lepe(v.reshape(x.shape))  # (B, C, H, W)
         # Output-feature rank augmentation: the element-wise gate o lifts Y out of its rank-d space.
         # o is computed only now, so it never coexists with the core's temporaries.
         return self.proj(self._group(x, 3).reshape(x.shape) * y)
@@ -665,8 +669,8 @@ def _machine(device):
 
 
 def _minor_faults():
-    """Page faults of this process so far (first touches of memory the OS must map; 0 off Unix)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+    """Page faults of this process so far (first touches of memory the OS must map; nan off Unix)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else math.nan
 
 
 def _measure(fns, device, repeats):
