@@ -175,9 +175,9 @@ class _Phi(torch.autograd.Function):
     @staticmethod
     def forward(x):
         m = x.clamp(max=0)
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-            return m.mul_(LOG2_E).exp2_().add_(x.clamp(min=0))
-        return m.exp_().add_(x.clamp(min=0))
+        fast_exp2 = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+        exp_m = m.mul_(LOG2_E).exp2_() if fast_exp2 else m.exp_()
+        return exp_m.add_(x.clamp(min=0))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
