@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import warnings
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,11 @@ import train
 
 ROOT = Path(__file__).resolve().parent
 torch.manual_seed(0)
+# Tests that compile, start processes, train whole runs or execute the notebook are marked slow:
+# `-m "not slow"` gives the quick suite (README). The top level has no pytest.ini to register
+# the marker in, so pytest's unknown-marker warning is silenced for this file's one custom marker.
+warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning)
+slow = pytest.mark.slow
 
 # Parameter counts and GMACs (224×224) of the released code, from the spec.
 RELEASE_PARAMS = {"ravlt_t": 14_897_768, "ravlt_s": 25_591_208, "ravlt_b": 48_241_288,
