@@ -305,31 +305,27 @@ class Attention(nn.Module):
         self.lepe = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)  # local positional term on v
         self.proj = nn.Conv2d(dim, dim, 1)
 
-    def _group(self, x, i):
-        """Group i of the qkvo conv (0 q, 1 k, 2 v, 3 o) as (B, h, d, N): a 1×1 conv with that slice
-        of the weights (same numbers as one 4C conv), so each comes out dense instead of a strided
-        slice (element-wise kernels run several times faster on dense memory) and only when needed."""
+    def heads(self, x):
+        """q, k, v, o from the one qkvo conv: q, k, v as (B, h, d, N) per head, o as (B, C, H, W)."""
         B, C, H, W = x.shape
-        y = F.conv2d(x, self.qkvo.weight[i * C:(i + 1) * C], self.qkvo.bias[i * C:(i + 1) * C])
-        return y.reshape(B, self.num_heads, C // self.num_heads, H * W)  # (B, h, d, N)
+        q, k, v, o = self.qkvo(x).chunk(4, dim=1)  # 4 × (B, C, H, W)
+        q, k, v = (t.reshape(B, self.num_heads, C // self.num_heads, H * W) for t in (q, k, v))
+        return q, k, v, o  # (B, h, d, N) ×3, (B, C, H, W)
 
     def forward(self, x, rot):
         B, C, H, W = x.shape
         use_compiled = x.is_cuda if self.compile_attn is None else self.compile_attn
         core = _compiled(self.kind) if use_compiled else _CORES[self.kind]
-        v = self._group(x, 2)
-        y = core(self._group(x, 0), self._group(x, 1), v, rot)  # (B, h, d, N); q, k freed after
-        # back to a channels-last map: a free view unless the heads' outputs lie apart in memory
-        y = y.permute(0, 3, 1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
-        y = y + self.lepe(v.reshape(x.shape))  # (B, C, H, W)
+        q, k, v, o = self.heads(x)
+        y = core(q, k, v, rot).reshape(B, C, H, W)  # (B, h, d, N) -> (B, C, H, W), heads major
+        y = y + self.lepe(v.reshape(B, C, H, W))  # local positional term, from v
         # Output-feature rank augmentation: the element-wise gate o lifts Y out of its rank-d space.
-        # o is computed only now, so it never coexists with the core's temporaries.
-        return self.proj(self._group(x, 3).reshape(x.shape) * y)
+        return self.proj(o * y)
 
     @torch.no_grad()
     def attention_matrix(self, x, rot):
         """The N×N matrix this layer applies to v, (B, h, N, N): for inspection and teaching."""
-        q, k = self._group(x, 0), self._group(x, 1)
+        q, k, _, _ = self.heads(x)
         return rala_matrix(q, k, rot) if self.kind == "rala" else softmax_matrix(q, k, rot)
 
 
@@ -348,7 +344,7 @@ class FFN(nn.Module):
 
     def forward(self, x):
         x = F.gelu(self.fc1(x))  # (B, F, H, W)
-        return self.fc2(conv_plus_identity(self.dwconv, x))  # x + dwconv(x): (B, C, H, W)
+        return self.fc2(x + self.dwconv(x))  # (B, C, H, W)
 
 
 class Block(nn.Module):
@@ -631,14 +627,27 @@ def create_model(name, pretrained=None, features_only=False, compile_attn=None, 
     return model
 
 
-def count_macs(model, size=224, batch=1):
-    """Multiply-accumulates of one forward (convolutions + matmuls + attention), via flop_counter."""
+def flop_counter():
+    """torch's FlopCounterMode, with one formula for every fused SDPA kernel: which of them torch's
+    counter knows differs between releases. Q Kᵀ and A V cost N·M·d multiply-adds each per head."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    def sdpa_flops(q, k, v, *args, **kwargs):  # shapes: q (B, h, N, d), k (B, h, M, d), v (B, h, M, dv)
+        return 2 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+    kernels = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+               "_scaled_dot_product_fused_attention_overrideable")
+    sdpa = {getattr(torch.ops.aten, k): sdpa_flops for k in kernels if hasattr(torch.ops.aten, k)}
+    return FlopCounterMode(display=False, custom_mapping=sdpa)
+
+
+def count_macs(model, size=224, batch=1):
+    """Multiply-accumulates of one forward (convolutions, matmuls, attention cores), 2 FLOPs each."""
     param = next(model.parameters())
     x = torch.zeros(batch, getattr(model, "in_chans", 3), size, size, device=param.device)
     was_training = model.training
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with flop_counter() as counter, torch.no_grad():
         model.eval()(x)
     model.train(was_training)
     return counter.get_total_flops() // 2

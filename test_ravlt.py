@@ -236,21 +236,56 @@ def test_parameter_count_equals_release(name):
     assert sum(p.numel() for p in model.parameters()) == RELEASE_PARAMS[name]
 
 
-@pytest.mark.parametrize("name", ["ravlt_t", "ravlt_s"])
+def analytic_macs(model, size):
+    """MACs from the architecture alone, without torch's flop counter: every convolution's
+    Cout·(Cin/groups)·k·k per output pixel (hooks read the real output sizes), plus per head
+    2·N·d + 2·N·d² for RALA (α, z, KV buffer, read-out) and 2·N²·d for softmax (Q Kᵀ, A V)."""
+    total, hooks = [0], []
+
+    def conv(m, inputs, out):
+        total[0] += out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+
+    def attention(m, inputs, out):
+        B, C, H, W = inputs[0].shape
+        h, N = m.num_heads, H * W
+        d = C // h
+        total[0] += B * h * (2 * N * d + 2 * N * d * d if m.kind == "rala" else 2 * N * N * d)
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv))
+        elif isinstance(m, ravlt.Attention):
+            hooks.append(m.register_forward_hook(attention))
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    return total[0]
+
+
+# count_macs of every variant at 224×224: equal to the architecture's own count, and rounded,
+# to the spec's GMACs of the released code (the same on every torch from the floor up)
+MACS_224 = {"ravlt_t": 2_613_312_000, "ravlt_s": 4_878_388_352, "ravlt_b": 10_579_554_816,
+            "ravlt_l": 17_208_927_104}
+
+
+@pytest.mark.parametrize("name", ["ravlt_t", *(pytest.param(n, marks=slow) for n in ("ravlt_s", "ravlt_b", "ravlt_l"))])
 def test_macs_equal_release_count(name):
     model = ravlt.create_model(name).train()
-    assert round(ravlt.count_macs(model) / 1e9, 3) == RELEASE_GMACS[name]
+    macs = ravlt.count_macs(model)
     assert model.training  # counting leaves the model as it was
+    assert macs == MACS_224[name] == analytic_macs(model, 224)
+    assert round(macs / 1e9, 3) == RELEASE_GMACS[name]
 
 
 def test_fully_linear_model_cost_grows_linearly_with_pixels():
-    """MACs, counted op by op: 4× the pixels costs 4× for all-RALA, more for the hybrid."""
-    linear = ravlt.create_model("ravlt_nano", attn=("rala",) * 4)
-    hybrid = ravlt.create_model("ravlt_nano")
-    lin_ratio = ravlt.count_macs(linear, 512) / ravlt.count_macs(linear, 256)
-    hyb_ratio = ravlt.count_macs(hybrid, 512) / ravlt.count_macs(hybrid, 256)
-    assert 3.99 < lin_ratio <= 4.0  # just under 4: the classifier on the pooled vector is constant
-    assert hyb_ratio > 5.0
+    """4× the pixels costs exactly 4× for an all-RALA backbone, more for the hybrid (softmax is N²)."""
+    linear = ravlt.create_model("ravlt_nano", attn=("rala",) * 4, features_only=True)
+    hybrid = ravlt.create_model("ravlt_nano", features_only=True)
+    counts = [ravlt.count_macs(linear, 256), ravlt.count_macs(linear, 512)]
+    assert counts == [105_854_976, 423_419_904] == [analytic_macs(linear, s) for s in (256, 512)]
+    assert counts[1] == 4 * counts[0]
+    assert ravlt.count_macs(hybrid, 512) / ravlt.count_macs(hybrid, 256) > 5
 
 
 @pytest.mark.parametrize("size", [(32, 32), (97, 131), (33, 47)])
@@ -329,6 +364,7 @@ def test_backward_gives_every_parameter_a_finite_gradient():
         assert p.grad.abs().sum() > 0, name
 
 
+@slow
 def test_compiled_attention_equals_eager_on_cpu():
     x = torch.randn(2, 3, 64, 48)
     eager = randomize_(ravlt.create_model("ravlt_nano", compile_attn=False)).eval()
@@ -340,6 +376,7 @@ def test_compiled_attention_equals_eager_on_cpu():
     assert ravlt._compiled_cores, "the compiled path was not taken"
 
 
+@slow
 def test_compiled_attention_gives_eager_gradients_on_cpu():
     # on CUDA the compiled cores are the default for training: their backward (inductor's, through
     # phi's and rope's compiled forms) must give the eager gradients
@@ -465,6 +502,7 @@ def test_ravlt_py_imports_torch_only():
     assert roots - set(sys.stdlib_module_names) == {"torch"}
 
 
+@slow
 def test_cli_prints_variant_table():
     out = subprocess.run([sys.executable, str(ROOT / "ravlt.py"), "--input-size", "64"], cwd=ROOT,
                          capture_output=True, text=True, check=True, timeout=120).stdout
@@ -839,6 +877,7 @@ def test_train_cifar_preset(tmp_path, monkeypatch):
     assert (row["val_acc1"] * 4 / 100) == pytest.approx(round(row["val_acc1"] * 4 / 100))  # 4 test images
 
 
+@slow
 def test_train_torchrun_two_processes_gloo(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -854,6 +893,51 @@ def test_train_torchrun_two_processes_gloo(tmp_path):
     single = run_train(tmp_path / "single", *FAKE, "--eval-only", "--resume", out / "checkpoint.pth")
     for key in ("val_loss", "val_acc1", "ema_val_loss", "ema_val_acc1"):
         assert row[key] == pytest.approx(single[key], abs=1e-5), key
+
+
+def test_train_off_values_build_nothing():
+    """Each documented 'off' value removes its part (and builds nothing that would refuse it)."""
+    def parse(*extra):
+        return train.get_args_parser().parse_args(TINY + FAKE + [str(a) for a in extra])
+
+    def names(compose):
+        return [type(t).__name__ for t in compose.transforms] if compose is not None else []
+
+    assert names(train.build_mix(parse(), 10)) == ["MixUp", "CutMix"]
+    assert names(train.build_mix(parse("--mixup", 0), 10)) == ["CutMix"]
+    assert names(train.build_mix(parse("--cutmix", 0), 10)) == ["MixUp"]
+    assert train.build_mix(parse("--mixup", 0, "--cutmix", 0), 10) is None
+    cfg = ravlt.create_model("ravlt_nano").pretrained_cfg
+    default = names(train.build_transforms(parse(), cfg)[0])
+    assert "RandAugment" in default and "RandomErasing" in default
+    off = names(train.build_transforms(parse("--aa", "none", "--color-jitter", 0, "--reprob", 0), cfg)[0])
+    assert off == [n for n in default if n not in ("RandAugment", "RandomErasing")]
+    jitter = names(train.build_transforms(parse("--aa", "none", "--reprob", 0), cfg)[0])
+    assert jitter == off[:2] + ["ColorJitter"] + off[2:]  # colour jitter only without a policy
+
+
+# every switch that has an "off" value, all off in one short run: it must train, and say so
+ALL_OFF = ["--mixup", 0, "--cutmix", 0, "--reprob", 0, "--smoothing", 0, "--aa", "none",
+           "--color-jitter", 0, "--drop-path", 0, "--no-model-ema", "--no-repeated-aug",
+           "--warmup-epochs", 0, "--weight-decay", 0]
+
+
+def test_train_with_every_part_off(tmp_path):
+    row = run_train(tmp_path, *FAKE, "--epochs", 1, *ALL_OFF)
+    ckpt = load_ckpt(tmp_path / "checkpoint.pth")
+    assert math.isfinite(row["train_loss"]) and "model_ema" not in ckpt
+    assert ckpt["model_config"]["drop_path_rate"] == 0
+    assert {k: ckpt["args"][k] for k in ("mixup", "cutmix", "reprob", "smoothing", "aa")} == dict(
+        mixup=0, cutmix=0, reprob=0, smoothing=0, aa="none")
+
+
+@pytest.mark.parametrize("flag", [["--mixup", 0], ["--cutmix", 0], ["--reprob", 0], ["--smoothing", 0],
+                                  ["--aa", "none"], ["--drop-path", 0], ["--no-model-ema"],
+                                  ["--no-repeated-aug"], ["--warmup-epochs", 0], ["--clip-grad", 1.0]],
+                         ids=lambda f: " ".join(map(str, f)))
+def test_train_each_part_off_alone(tmp_path, flag):
+    row = run_train(tmp_path, *FAKE, "--epochs", 1, *flag)
+    assert math.isfinite(row["train_loss"])
 
 
 def bad_input_cases(tmp):
@@ -903,6 +987,7 @@ def test_train_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch):
         assert err.startswith("train.py: error:") and expected in err, (name, err)
 
 
+@slow
 def test_train_bad_input_as_a_process(tmp_path):
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "foreign.pth")
     cmd = [sys.executable, "train.py", *TINY, *FAKE, "--eval-only", "--resume", str(tmp_path / "foreign.pth"),
@@ -942,6 +1027,7 @@ def test_train_eval_transform_uses_crop_pct():
 TUTORIAL = Path(__file__).resolve().parent / "tutorial.ipynb"
 
 
+@slow
 def test_tutorial_notebook_runs_top_to_bottom():
     """Execute tutorial.ipynb in a fresh kernel from the repo root, in memory (the file is not
     rewritten). Any error, including a failed assertion against ravlt.py, fails the test."""

@@ -196,6 +196,14 @@ def build_datasets(args, rank, world):
     return sets, len(sets["val"].classes)
 
 
+def build_mix(args, num_classes):
+    """MixUp and/or CutMix on whole batches (one of the two per batch when both are on); None if off.
+    Built only when on: torchvision refuses alpha = 0 in the constructor."""
+    mixes = [T.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []
+    mixes += [T.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else []
+    return T.RandomChoice(mixes) if mixes else None
+
+
 def build_transforms(args, cfg):
     """Training and evaluation pipelines (PIL image in, normalised float tensor out)."""
     size, bicubic, mean, std = args.input_size, T.InterpolationMode.BICUBIC, cfg["mean"], cfg["std"]
@@ -423,9 +431,7 @@ def main(args):
         linear = LinearLR(optimizer, min(1.0, args.warmup_lr / lr), 1.0, total_iters=warmup)
         scheduler = SequentialLR(optimizer, [linear, scheduler], milestones=[warmup])
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    mixes = [T.MixUp(alpha=args.mixup, num_classes=num_classes)] * (args.mixup > 0)
-    mixes += [T.CutMix(alpha=args.cutmix, num_classes=num_classes)] * (args.cutmix > 0)
-    mix = T.RandomChoice(mixes) if mixes else None
+    mix = build_mix(args, num_classes)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)  # also takes mixed soft targets
     model_ema = None
     if args.model_ema:  # decay per step: D^(B/512) at batch B keeps the same decay per image seen

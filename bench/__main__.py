@@ -1,0 +1,277 @@
+"""Speed and memory of ravlt.py, side by side with the release's code on the same weights.
+
+    python -m bench                              # RAVLT-T and -S, the layer alone, high resolution
+    python -m bench --release-file RALA.py       # add the release's model (needs timm, einops, fvcore)
+    python -m bench --sections ablation          # each speed trick of ravlt.py, on and off
+    python -m bench --quick                      # every code path once, in seconds (a test runs it)
+
+Method (see bench/README.md): every timing is the best of --repeats, each spanning ≥ 50 ms of
+calls; the models of one table are timed interleaved, in one process, so that a change of load
+hits all alike; ratios are the figures to compare. Memory: the extra peak of one call.
+"""
+import argparse
+import importlib.util
+import math
+import sys
+import time
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import ravlt
+
+
+def machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # Linux names the CPU model here
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":")[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or "unknown CPU"
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensors created while active: each op's new output storages are counted
+    until freed. Scratch buffers private to a kernel (oneDNN's, for one) are not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.known = set()  # storages seen as inputs or outputs: counted once, or not at all
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self.known.update(t.untyped_storage()._cdata for t in tensors)  # older tensors: not counted
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+            if storage is not None and storage._cdata not in self.known:
+                self.known.add(storage._cdata)
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, storage._cdata, storage.nbytes())
+        return out
+
+    def _free(self, key, nbytes):
+        self.known.discard(key)
+        self.live -= nbytes
+
+
+def peak_mb(fn, device):
+    """Extra memory at the peak of one call of fn, in MB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with LiveTensorBytes() as tracker:
+        fn()
+    return tracker.peak / 2**20
+
+
+def measure(fns, device, repeats):
+    """(best seconds per call, extra peak MB) of each fn. A warm-up call each (which also compiles)
+    sets how many calls one timing spans (≥ 50 ms); the fns' timings are interleaved."""
+    def timed(fn, calls):
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        return (time.perf_counter() - start) / calls
+
+    calls = [max(1, math.ceil(0.05 / timed(fn, 1))) for fn in fns]
+    best = [math.inf] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], timed(fn, calls[i]))
+    return [(t, peak_mb(fn, device)) for t, fn in zip(best, fns)]
+
+
+def load_release(path):
+    """The release's RALA.py from the user's copy (it imports timm, einops and fvcore)."""
+    spec = importlib.util.spec_from_file_location("release_rala", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # timm's model registry looks the module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+# -----------------------------------------------------------------------------
+# Speed tricks of ravlt.py, each with the plain form it replaces, for --sections ablation
+
+
+def rope_real(x, rot):
+    """RoPE as real arithmetic on (cos, sin), the textbook alternative to ravlt.rope's complex product."""
+    xt = x.transpose(-2, -1).float()  # (..., N, d)
+    even, odd = xt[..., 0::2], xt[..., 1::2]
+    cos, sin = rot.real, rot.imag  # (N, d/2)
+    out = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return out.to(x.dtype).transpose(-2, -1)
+
+
+def without_channels_last(model):
+    model.memory_format = torch.contiguous_format
+    return model.to(memory_format=torch.contiguous_format)
+
+
+def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
+          layer_sides=(14, 28, 56, 112), highres=((512, 512), (1024, 1024), (800, 1333)), repeats=3,
+          device="cpu", compile=False, amp=False, release_file=None,
+          sections=("models", "layer", "highres"), references=None):
+    """Print speed and memory: whole models, the attention layer alone, high-resolution backbones,
+    and the ablation of ravlt.py's speed tricks. references: optional {name: image model} timed
+    like the variants, as a yardstick."""
+    device = torch.device(device)
+    release = load_release(release_file) if release_file else None
+
+    def run(fn, grad=False):  # fn under the benchmark's precision, without autograd unless training
+        def call():
+            with torch.set_grad_enabled(grad), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                return fn()
+        return call
+
+    def twin(name, **kw):  # the release's model (when given) and ours, with the same weights
+        ref = getattr(release, "RAVLT_" + name[-1].upper())() if release and name in ravlt.RELEASED else None
+        ours = ravlt.create_model(name, compile_attn=False, **kw)
+        if ref is not None:
+            ours.load_state_dict(ref.state_dict(), strict=not ours.features_only)
+        return ref, ours
+
+    print(f"{machine(device)} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
+          f"{'bf16 autocast' if amp else 'fp32'} | best of {repeats} | MB: extra peak memory | "
+          f"x: speed-up over each table's first row")
+    x = torch.randn(batch, 3, size, size, device=device)
+    xt, target = x[:train_batch], torch.randint(0, 1000, (train_batch,), device=device)
+
+    def time_models(name, paths, macs):  # one row per path: inference, then a training step
+        infer, train = [], []
+        for model in paths.values():
+            model.to(device)
+            opt = torch.optim.AdamW(model.parameters())
+
+            def train_step(model=model, opt=opt):  # forward + backward + AdamW
+                F.cross_entropy(model.train()(xt), target).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            infer.append(run(lambda model=model: model.eval()(x)))
+            train.append(run(train_step, grad=True))
+        rows = zip(paths, measure(infer, device, repeats), measure(train, device, repeats))
+        for i, (path, (t_inf, mb_inf), (t_train, mb_train)) in enumerate(rows):
+            if i == 0:
+                base_inf, base_train = t_inf, t_train
+            print(f"{name:<15}{path:<22}{macs:>6.2f}{batch / t_inf:>12.1f}{base_inf / t_inf:>6.2f}"
+                  f"{mb_inf:>7.0f}{train_batch / t_train:>12.2f}{base_train / t_train:>6.2f}{mb_train:>7.0f}")
+
+    header = f"{'model':<15}{'path':<22}{'GMACs':>6}{'infer img/s':>12}{'x':>6}{'MB':>7}{'train img/s':>12}{'x':>6}{'MB':>7}"
+    if "models" in sections:
+        print(f"\nwhole models, {size}², inference batch {batch}, training step batch {train_batch}\n{header}")
+        for name in variants:
+            ref, ours = twin(name)
+            paths = {"release": ref, "ravlt.py": ours} if ref is not None else {"ravlt.py": ours}
+            if compile:
+                paths["ravlt.py compiled"] = ravlt.create_model(name, compile_attn=True)
+                paths["ravlt.py compiled"].load_state_dict(ours.state_dict())
+            time_models(name, paths, ravlt.count_macs(ours, size) / 1e9)
+        for name, model in (references or {}).items():
+            model = model.to(memory_format=torch.channels_last)
+            time_models(name, {"reference": model}, ravlt.count_macs(model, size) / 1e9)
+
+    if "ablation" in sections:  # each trick off, alone; the first row has all of them on
+        print(f"\nspeed tricks of ravlt.py, {variants[0]} ({size}²): each row turns one off\n{header}")
+        _, base = twin(variants[0])
+        macs = ravlt.count_macs(base, size) / 1e9
+        plain_cl = twin(variants[0])[1]
+        plain_cl.load_state_dict(base.state_dict())
+        plain_rope = twin(variants[0])[1]
+        plain_rope.load_state_dict(base.state_dict())
+
+        class RealRoPE(nn.Module):  # the same model, RoPE computed in real arithmetic
+            def __init__(self, model):
+                super().__init__()
+                self.model = model
+
+            def forward(self, x):
+                saved, ravlt.rope = ravlt.rope, rope_real
+                try:
+                    return self.model(x)
+                finally:
+                    ravlt.rope = saved
+
+        time_models(variants[0], {"as is": base, "no channels-last": without_channels_last(plain_cl),
+                                  "real-valued RoPE": RealRoPE(plain_rope)}, macs)
+
+    if "layer" in sections:
+        print("\nattention layer alone (C=64, 1 head, batch 1, inference): ms | extra peak MB")
+        print(f"{'side':>5}{'tokens':>8}{'RALA':>16}{'softmax (SDPA)':>16}"
+              + ("    release RALA  x (release / ours)" if release else ""))
+        cl = torch.channels_last
+        for side in layer_sides:
+            xl = torch.randn(1, side, side, 64, device=device).permute(0, 3, 1, 2)  # channels-last
+            rala_layer = ravlt.Attention(64, 1, "rala", compile_attn=False).to(device, memory_format=cl)
+            softmax_layer = ravlt.Attention(64, 1, "softmax", compile_attn=False).to(device, memory_format=cl)
+            rot = ravlt.RoPE2d(64).to(device)(side, side)
+            calls = [run(lambda: rala_layer(xl, rot)), run(lambda: softmax_layer(xl, rot))]
+            if release:  # the release's layer, same weights; it takes (x, sin, cos) from its own RoPE
+                rel_layer = release.GateLinearAttentionNoSilu(64, 1).to(device)
+                rel_layer.load_state_dict(rala_layer.state_dict())
+                rel_sin, rel_cos = release.RoPE(64, 1).to(device)((side, side))
+                calls.append(run(lambda: rel_layer(xl, rel_sin, rel_cos)))
+            results = measure(calls, device, repeats)
+            print(f"{side:>5}{side * side:>8}" + "".join(f"{t * 1e3:>9.2f} |{mb:>5.0f}" for t, mb in results)
+                  + (f"{results[2][0] / results[0][0]:>10.2f}" if release else ""))
+
+    if "highres" in sections:
+        ref, hybrid = twin(variants[0], features_only=True)
+        linear = ravlt.create_model(variants[0], features_only=True, compile_attn=False, attn=("rala",) * 4)
+        linear.load_state_dict(hybrid.state_dict())
+        backbones = [hybrid.eval().to(device), linear.eval().to(device)]
+        if ref is not None:  # the release's backbone: its stem and four stages
+            ref.eval().to(device)
+            backbones.append(nn.Sequential(ref.patch_embed, *ref.layers))
+        print(f"\nhigh resolution, batch 1, inference, {variants[0]} backbone (features_only): s | extra peak MB")
+        print(f"{'input':>10}{'hybrid':>16}{'fully linear':>16}" + ("        release" if ref is not None else ""))
+        for h, w in highres:
+            xh = torch.randn(1, 3, h, w, device=device)
+            results = measure([run(lambda b=b: b(xh)) for b in backbones], device, repeats)
+            print(f"{h}x{w}".rjust(10) + "".join(f"{t:>9.3f} |{mb:>5.0f}" for t, mb in results))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--input-size", type=int, default=224, help="image side in pixels (default 224)")
+    parser.add_argument("--quick", action="store_true", help="every code path once at tiny sizes, in seconds")
+    parser.add_argument("--variants", nargs="+", default=["ravlt_t", "ravlt_s"], choices=list(ravlt.VARIANTS))
+    parser.add_argument("--batch", type=int, default=16, help="inference batch (training uses half)")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per measurement (best kept)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also time compile_attn=True (always on CUDA)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--sections", nargs="+", default=["models", "layer", "highres"],
+                        choices=["models", "ablation", "layer", "highres"], help="parts to run")
+    parser.add_argument("--release-file", help="the release's RALA.py, timed side by side on the same "
+                        "weights (needs timm, einops and fvcore)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    compile = args.compile or args.device.startswith("cuda")
+    if args.quick:
+        bench(("ravlt_nano",), 64, 2, 2, (8, 16), ((64, 64), (96, 128)), 1, args.device, compile,
+              args.amp, args.release_file, args.sections)
+    else:
+        bench(args.variants, args.input_size, args.batch, max(1, args.batch // 2), repeats=args.repeats,
+              device=args.device, compile=compile, amp=args.amp, release_file=args.release_file,
+              sections=args.sections)
+
+
+if __name__ == "__main__":
+    main()
