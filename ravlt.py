@@ -541,7 +541,9 @@ def read_checkpoint(path):
     except Exception as e:
         if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):  # the archive's end is missing
             raise ValueError(f"checkpoint {path} is truncated: its saving or copying stopped early") from None
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        unsafe = [line.split(". ")[0] for line in lines if line.startswith("WeightsUnpickler error:")]
+        reason = unsafe[0] if unsafe else lines[0]  # weights_only's point is on one line of many
         raise ValueError(f"cannot read checkpoint {path}: {reason}") from None
 
 

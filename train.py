@@ -33,6 +33,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
@@ -196,10 +197,13 @@ class UnreadableImage(Exception):
 def load_image(path):
     """ImageFolder's loader (PIL, RGB), raising UnreadableImage with the file's name when it fails."""
     try:
-        return datasets.folder.pil_loader(path)
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        reason = "not in a format PIL reads"
     except Exception as e:  # by format: OSError, SyntaxError, ValueError, DecompressionBombError, ...
         reason = str(e).partition("\n")[0] or type(e).__name__
-        raise UnreadableImage(f"cannot decode image {path} ({reason})") from None
+    raise UnreadableImage(f"cannot decode image {path} ({reason})")
 
 
 def build_datasets(args, rank, world):
