@@ -785,20 +785,23 @@ def test_train_fake_log_and_checkpoint(fake_run):
     assert not torch.equal(ckpt["model"]["head.weight"], ckpt["model_ema"]["head.weight"])
 
 
-def test_train_resume_is_exact(fake_run, tmp_path, monkeypatch):
+def test_train_resume_is_exact(fake_run, tmp_path, monkeypatch, capsys):
     _, log, ckpt = fake_run
     real_epoch, calls = train.train_one_epoch, []
 
-    def crash_in_epoch_2(*args, **kwargs):
+    def crash_in_epoch_2(*args, **kwargs):  # as an image that cannot be decoded would
         calls.append(1)
         if len(calls) == 2:
-            raise RuntimeError("simulated crash")
+            raise train.UnreadableImage("cannot decode image x.png (broken)")
         return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", crash_in_epoch_2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(SystemExit):
         run_train(tmp_path, *FAKE_RUN)
     monkeypatch.undo()
+    err = capsys.readouterr().err  # the message points to the epoch saved
+    assert err.endswith("train.py: error: cannot decode image x.png (broken); fix or delete it, then continue "
+                        f"with --resume {tmp_path / 'checkpoint.pth'}\n")
     assert read_log(tmp_path)[0]["train_loss"] == log[0]["train_loss"]
     run_train(tmp_path, *FAKE_RUN, "--resume", tmp_path / "checkpoint.pth")
     resumed = read_log(tmp_path)
@@ -919,7 +922,7 @@ def bad_input_cases(tmp):
         "no images": (["--dataset", "imagenet", "--data-path", tmp / "no_images"], "no valid file"),
         "missing checkpoint": ([*FAKE, "--resume", tmp / "none.pth"], "no such file"),
         "unreadable checkpoint": ([*FAKE, "--resume", tmp / "garbage.pth"], "is not a checkpoint"),
-        **{f"checkpoint {file}": ([*FAKE, "--resume", tmp / file], words) for file, words in checkpoints.items()},
+        **{f"checkpoint {file}": ([*FAKE, "--resume", tmp / file], text) for file, text in checkpoints.items()},
         "empty checkpoint, eval": ([*FAKE, "--eval-only", "--resume", tmp / "empty.pth"], "is empty"),
         "other variant": ([*FAKE, "--eval-only", "--resume", tmp / "ravlt_t.pth"],
                           "holds ravlt_t weights, the model is ravlt_nano"),
@@ -933,9 +936,9 @@ def bad_input_cases(tmp):
         "output dir is a file": ([*FAKE, "--output-dir", tmp / "a_file"], "a_file is a file, not a folder"),
         "output dir impossible": ([*FAKE, "--output-dir", tmp / "a_file" / "out"], "cannot be created"),
         # the train set's broken file is met in epoch 1 (every image, once), the val set's in its evaluation
-        "undecodable train image": (["--dataset", "imagenet", "--data-path", tmp / "bad_train", "--no-repeated-aug",
-                                     "--input-size", 32], "x.png (not in a format PIL reads); fix or delete it, "
-                                    "then run again"),
+        "undecodable train image": (["--dataset", "imagenet", "--data-path", tmp / "bad_train", "--input-size",
+                                     32, "--no-repeated-aug"],
+                                    "x.png (not in a format PIL reads); fix or delete it, then run again"),
         "truncated val image": (["--dataset", "imagenet", "--data-path", tmp / "bad_val", "--input-size", 32],
                                 "1.png (image file is truncated"),
     }
@@ -1018,14 +1021,43 @@ def test_train_default_workers_fit_the_machine():
             torch.utils.data.DataLoader([0], num_workers=workers).check_worker_number_rationality()
 
 
+@slow
 def test_train_bad_input_as_a_process(tmp_path):
+    """As a user meets it: one line and exit code 2, no traceback, also from a data-loading process;
+    an image that breaks epoch 2 leaves epoch 1's checkpoint, which --resume continues once it is gone."""
+    def train_py(*argv):
+        cmd = [sys.executable, "train.py", *TINY, "--output-dir", str(tmp_path / "out"), *map(str, argv)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        proc.stderr = proc.stderr.decode()  # not text=True, which would turn tqdm's \r into \n
+        return proc
+
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "foreign.pth")
-    cmd = [sys.executable, "train.py", *TINY, *FAKE, "--eval-only", "--resume", str(tmp_path / "foreign.pth"),
-           "--output-dir", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "does not fit" in proc.stderr
+    make_image_folder(tmp_path / "pets", per_split=(("train", 4), ("val", 1)))  # 12 train images: 3 steps
+    pets = ["--dataset", "imagenet", "--data-path", tmp_path / "pets", "--input-size", 32, "--no-repeated-aug"]
+    run_train(tmp_path / "out", *pets, "--epochs", 1)
+    saved = (tmp_path / "out" / "checkpoint.pth").read_bytes()
+    os.remove(tmp_path / "pets" / "train" / "dog" / "0.png")
+    (tmp_path / "pets" / "train" / "dog" / "x.png").write_bytes(bytes(range(256)))  # still 12 images
+    resume = ["--resume", tmp_path / "out" / "checkpoint.pth"]
+    cases = {  # arguments: words of the one line
+        (*FAKE, "--lr", "-1"): "argument --lr: expected a number > 0, got '-1'",
+        (*FAKE, "--eval-only", "--resume", tmp_path / "foreign.pth"): "does not fit ravlt_nano; missing "
+            "(162): patch_embed.proj.0.weight, patch_embed.proj.0.bias, patch_embed.proj.1.weight; unexpected "
+            "(1): fc.weight",
+        (*pets, "--epochs", 2, "--workers", 1, *resume):  # met by a worker, in epoch 2
+            f"cannot decode image {tmp_path / 'pets' / 'train' / 'dog' / 'x.png'} (not in a format PIL reads); "
+            f"fix or delete it, then continue with --resume {tmp_path / 'out' / 'checkpoint.pth'}",
+    }
+    for argv, words in cases.items():
+        proc = train_py(*argv)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        (line,) = visible_lines(proc.stderr)
+        assert line.startswith("train.py: error: ") and line.endswith(words), proc.stderr
+    assert (tmp_path / "out" / "checkpoint.pth").read_bytes() == saved  # epoch 1's, untouched
+    os.remove(tmp_path / "pets" / "train" / "dog" / "x.png")
+    run_train(tmp_path / "out", *pets, "--epochs", 2, *resume)
+    assert [row["epoch"] for row in read_log(tmp_path / "out")] == [1, 2]
 
 
 def test_train_repeat_aug_sampler_spreads_copies():
