@@ -518,14 +518,29 @@ class RAVLT(nn.Module):
 
 def read_checkpoint(path):
     """torch.load for checkpoints: a checkpoint is data, not code, so only tensors, containers and
-    argparse.Namespace (the release's files hold one under `args`) may load (weights_only=True)."""
+    argparse.Namespace (the release's files hold one under `args`) may load (weights_only=True).
+    A file that is not one raises ValueError saying why: a directory, empty, truncated, other data."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:  # FileNotFoundError for a missing file
+            head = f.read(4)
+    except IsADirectoryError:
+        raise ValueError(f"checkpoint {path} is a directory, not a file") from None
+    if not head:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes)")
+    if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip (before torch 1.6, a pickle)
+        raise ValueError(f"{path} is not a checkpoint: it begins with {head!r}, torch.save's with b'PK'")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+        if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):  # the archive's end is missing
+            raise ValueError(f"checkpoint {path} is truncated: its saving or copying stopped early") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        unsafe = [line.split(". ")[0] for line in lines if line.startswith("WeightsUnpickler error:")]
+        reason = unsafe[0] if unsafe else lines[0]  # weights_only's point is on one line of many
+        raise ValueError(f"cannot read checkpoint {path}: {reason}") from None
 
 
 def _state_dict(ckpt, name, use_ema):
@@ -535,7 +550,7 @@ def _state_dict(ckpt, name, use_ema):
     if use_ema and "model_ema" not in ckpt:
         raise ValueError(f"{name} has no 'model_ema' entry")
     sd = ckpt.get("model_ema" if use_ema else "model", ckpt)
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not sd or not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{name} holds no state dict (keys: {list(ckpt)[:5]})")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}  # DDP, compile
 
@@ -548,14 +563,31 @@ def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
     `args`), this project's training checkpoints, and plain state dicts. A features-only model
     ignores the classification head; a model with another number of classes (or none) keeps its own
     head, unless new_head=False, which refuses such a checkpoint (evaluation needs its head).
+    Weights that do not fit raise ValueError: another variant's are named as such.
     """
     is_dict = isinstance(checkpoint, dict)
     name = "the checkpoint" if is_dict else f"checkpoint {checkpoint}"
-    sd = _state_dict(checkpoint if is_dict else read_checkpoint(checkpoint), name, use_ema)
-    own = model.state_dict()
+    ckpt = checkpoint if is_dict else read_checkpoint(checkpoint)
+    sd, own = _state_dict(ckpt, name, use_ema), model.state_dict()
+    top = ("proj.", "norm.", "head.")  # the classifier, which a features-only model lacks
+
+    def body(state):  # the backbone's shapes
+        return {k: v.shape for k, v in state.items() if not k.startswith(top)}
+
+    arch = getattr(model, "pretrained_cfg", {}).get("architecture", "this model")
+    if arch in VARIANTS and body(sd) != body(own):  # another variant? its name as recorded, or by shapes
+        args = ckpt.get("args")
+        args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+        config = ckpt.get("model_config") if isinstance(ckpt.get("model_config"), dict) else {}
+        held = str(config.get("name") or args.get("model") or "").lower()  # ours, or the release's RAVLT_T
+        if held not in VARIANTS:
+            with torch.device("meta"):  # shapes only, no memory
+                held = next((v for v in VARIANTS if body(create_model(v).state_dict()) == body(sd)), None)
+        if held and held != arch:
+            raise ValueError(f"{name} holds {held} weights, the model is {arch}")
     if model.features_only:
-        sd = {k: v for k, v in sd.items() if not k.startswith(("proj.", "norm.", "head."))}
-    elif "head.weight" in sd and sd["head.weight"].shape != getattr(own.get("head.weight"), "shape", None):
+        sd = {k: v for k, v in sd.items() if not k.startswith(top)}
+    elif "head.weight" in sd and sd["head.weight"].shape[0] != model.num_classes:
         if not new_head:
             raise ValueError(f"{name} classifies {sd['head.weight'].shape[0]} classes, the model "
                              f"{model.num_classes}")
@@ -566,7 +598,6 @@ def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
               for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or shapes:
-        arch = getattr(model, "pretrained_cfg", {}).get("architecture", "this model")
         parts = [f"{label} ({len(items)}): {', '.join(items[:3])}" for label, items in
                  (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected)) if items]
         raise ValueError(f"{name} does not fit {arch}; " + "; ".join(parts))

@@ -447,20 +447,54 @@ def test_load_checkpoint_picks_ema_weights(tmp_path):
     torch.testing.assert_close(model.head.weight, a.head.weight)
 
 
-def test_checkpoint_of_another_variant_names_mismatched_keys(tmp_path):
-    torch.save(ravlt.create_model("ravlt_t").state_dict(), tmp_path / "t.pth")
+def shapes_only(name, **overrides):
+    """A variant's model (on the meta device) and state dict (one shared zero per tensor), at no cost."""
+    with torch.device("meta"):
+        model = ravlt.create_model(name, **overrides)
+    return model, {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_checkpoint_of_another_variant_names_both_variants(tmp_path):
+    # a plain state dict: the variant is found by its shapes; ours and the release's: by their records
+    torch.save(shapes_only("ravlt_t")[1], tmp_path / "t.pth")
+    nano = shapes_only("ravlt_nano", num_classes=3)[1]
+    torch.save({"model": nano, "model_config": {"name": "ravlt_nano"}}, tmp_path / "ours.pth")
+    torch.save({"model": nano, "args": argparse.Namespace(model="RAVLT_NANO")}, tmp_path / "release.pth")
+    for file, held, asked in [("t.pth", "ravlt_t", "ravlt_s"), ("t.pth", "ravlt_t", "ravlt_nano"),
+                              ("ours.pth", "ravlt_nano", "ravlt_t"), ("release.pth", "ravlt_nano", "ravlt_b")]:
+        with pytest.raises(ValueError, match=f"{file} holds {held} weights, the model is {asked}$"):
+            ravlt.load_checkpoint(shapes_only(asked, num_classes=3)[0], tmp_path / file)
+    with pytest.raises(ValueError, match="t.pth holds ravlt_t weights, the model is ravlt_nano$"):
+        ravlt.create_model("ravlt_nano", pretrained=tmp_path / "t.pth")
+    # the same variant with other shapes (here 1 input channel): the keys that differ are named
+    torch.save(ravlt.create_model("ravlt_nano", in_chans=1).state_dict(), tmp_path / "gray.pth")
     with pytest.raises(ValueError) as err:
-        ravlt.load_checkpoint(ravlt.create_model("ravlt_s"), tmp_path / "t.pth")
-    msg = str(err.value)
-    assert "does not fit ravlt_s" in msg
-    assert "layers.1.downsample.reduction.weight: checkpoint (256, 128, 3, 3) vs model (320, 128, 3, 3)" in msg
-    assert "missing" in msg  # ravlt_s has more blocks
+        ravlt.load_checkpoint(ravlt.create_model("ravlt_nano"), tmp_path / "gray.pth")
+    assert str(err.value).endswith("does not fit ravlt_nano; shape mismatch (1): patch_embed.proj.0.weight: "
+                                   "checkpoint (8, 1, 3, 3) vs model (8, 3, 3, 3)")
+
+
+def broken_checkpoints(tmp):
+    """{file: words of its error}: each way a file can fail to be a checkpoint, with its own line."""
+    torch.save(ravlt.create_model("ravlt_nano").state_dict(), tmp / "whole.pth")
+    whole = (tmp / "whole.pth").read_bytes()
+    (tmp / "truncated.pth").write_bytes(whole[:len(whole) // 2])  # as if the copy stopped half-way
+    (tmp / "empty.pth").write_bytes(b"")
+    (tmp / "page.pth").write_bytes(b"<!DOCTYPE html><html>Sign in</html>")  # a download gone wrong
+    os.makedirs(tmp / "folder.pth")
+    return {"truncated.pth": "is truncated", "empty.pth": "is empty (0 bytes)",
+            "page.pth": "page.pth is not a checkpoint: it begins with b'<!DO'",
+            "folder.pth": "is a directory, not a file"}
 
 
 def test_unreadable_or_unsafe_checkpoints_are_refused(tmp_path):
-    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
-        ravlt.load_checkpoint(ravlt.create_model("ravlt_nano"), tmp_path / "junk.pth")
+    for file, words in broken_checkpoints(tmp_path).items():
+        for load in (ravlt.read_checkpoint, lambda p: ravlt.create_model("ravlt_nano", pretrained=p)):
+            with pytest.raises(ValueError, match=re.escape(words)):
+                load(tmp_path / file)
+    torch.save({"step": 3}, tmp_path / "no_weights.pth")
+    with pytest.raises(ValueError, match="holds no state dict"):
+        ravlt.load_checkpoint(ravlt.create_model("ravlt_nano"), tmp_path / "no_weights.pth")
     # arbitrary pickled objects are code, not data: weights_only refuses them
     torch.save({"model": {}, "hook": Path("x")}, tmp_path / "code.pth")
     with pytest.raises(ValueError, match="cannot read checkpoint"):
@@ -789,20 +823,23 @@ def test_train_fake_log_and_checkpoint(fake_run):
     assert not torch.equal(ckpt["model"]["head.weight"], ckpt["model_ema"]["head.weight"])
 
 
-def test_train_resume_is_exact(fake_run, tmp_path, monkeypatch):
+def test_train_resume_is_exact(fake_run, tmp_path, monkeypatch, capsys):
     _, log, ckpt = fake_run
     real_epoch, calls = train.train_one_epoch, []
 
-    def crash_in_epoch_2(*args, **kwargs):
+    def crash_in_epoch_2(*args, **kwargs):  # as an image that cannot be decoded would
         calls.append(1)
         if len(calls) == 2:
-            raise RuntimeError("simulated crash")
+            raise train.UnreadableImage("cannot decode image x.png (broken)")
         return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", crash_in_epoch_2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(SystemExit):
         run_train(tmp_path, *FAKE_RUN)
     monkeypatch.undo()
+    err = capsys.readouterr().err  # the message points to the epoch saved
+    assert err.endswith("train.py: error: cannot decode image x.png (broken); fix or delete it, then continue "
+                        f"with --resume {tmp_path / 'checkpoint.pth'}\n")
     assert read_log(tmp_path)[0]["train_loss"] == log[0]["train_loss"]
     run_train(tmp_path, *FAKE_RUN, "--resume", tmp_path / "checkpoint.pth")
     resumed = read_log(tmp_path)
@@ -942,6 +979,14 @@ def test_train_each_part_off_alone(tmp_path, flag):
 
 def bad_input_cases(tmp):
     """(arguments, text the one-line error must contain) for each kind of bad input."""
+    checkpoints = broken_checkpoints(tmp)
+    make_image_folder(tmp / "bad_train")
+    make_image_folder(tmp / "bad_val")
+    (tmp / "bad_train" / "train" / "dog" / "x.png").write_bytes(bytes(range(256)))  # not an image
+    png = (tmp / "bad_val" / "val" / "fox" / "1.png").read_bytes()
+    (tmp / "bad_val" / "val" / "fox" / "1.png").write_bytes(png[:len(png) // 2])  # cut off half-way
+    (tmp / "a_file").write_text("")
+    torch.save({"model": shapes_only("ravlt_t")[1]}, tmp / "ravlt_t.pth")
     os.makedirs(tmp / "empty" / "train")
     os.makedirs(tmp / "empty" / "val")
     os.makedirs(tmp / "no_images" / "train" / "cat")
@@ -960,13 +1005,26 @@ def bad_input_cases(tmp):
         "empty folder": (["--dataset", "imagenet", "--data-path", tmp / "empty"], "class folder"),
         "no images": (["--dataset", "imagenet", "--data-path", tmp / "no_images"], "no valid file"),
         "missing checkpoint": ([*FAKE, "--resume", tmp / "none.pth"], "no such file"),
-        "unreadable checkpoint": ([*FAKE, "--resume", tmp / "garbage.pth"], "cannot read checkpoint"),
-        "checkpoint with code": ([*FAKE, "--resume", tmp / "code.pth"], "cannot read checkpoint"),
+        "unreadable checkpoint": ([*FAKE, "--resume", tmp / "garbage.pth"], "is not a checkpoint"),
+        **{f"checkpoint {file}": ([*FAKE, "--resume", tmp / file], text) for file, text in checkpoints.items()},
+        "empty checkpoint, eval": ([*FAKE, "--eval-only", "--resume", tmp / "empty.pth"], "is empty"),
+        "other variant": ([*FAKE, "--eval-only", "--resume", tmp / "ravlt_t.pth"],
+                          "holds ravlt_t weights, the model is ravlt_nano"),
+        "checkpoint with code": ([*FAKE, "--resume", tmp / "code.pth"],
+                                 "code.pth: WeightsUnpickler error: Unsupported global: GLOBAL datetime.date"),
         "foreign checkpoint": ([*FAKE, "--eval-only", "--resume", tmp / "foreign.pth"], "does not fit"),
         "other class count": ([*FAKE, "--eval-only", "--resume", tmp / "ten_classes.pth"], "10 classes"),
         "weights only, resumed": ([*FAKE, "--resume", tmp / "weights_only.pth"], "not a train.py checkpoint"),
         "eval without checkpoint": ([*FAKE, "--eval-only"], "--resume"),
         "unknown policy": (["--aa", "rand-x"], "unknown policy"),
+        "output dir is a file": ([*FAKE, "--output-dir", tmp / "a_file"], "a_file is a file, not a folder"),
+        "output dir impossible": ([*FAKE, "--output-dir", tmp / "a_file" / "out"], "cannot be created"),
+        # the train set's broken file is met in epoch 1 (every image, once), the val set's in its evaluation
+        "undecodable train image": (["--dataset", "imagenet", "--data-path", tmp / "bad_train", "--input-size",
+                                     32, "--no-repeated-aug"],
+                                    "x.png (not in a format PIL reads); fix or delete it, then run again"),
+        "truncated val image": (["--dataset", "imagenet", "--data-path", tmp / "bad_val", "--input-size", 32],
+                                "1.png (image file is truncated"),
     }
 
 
@@ -981,21 +1039,109 @@ def test_train_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch):
     for name, (argv, expected) in cases.items():
         with pytest.raises(SystemExit) as exit_info:
             run_train(tmp_path / "out", *argv)
-        err = capsys.readouterr().err.strip()
+        err = capsys.readouterr().err
+        lines = visible_lines(err)
         assert exit_info.value.code == 2, name
-        assert len(err.splitlines()) == 1 and "Traceback" not in err, (name, err)
-        assert err.startswith("train.py: error:") and expected in err, (name, err)
+        assert len(lines) == 1 and "Traceback" not in err, (name, err)
+        assert lines[0].startswith("train.py: error:") and expected in lines[0], (name, err)
+    assert not os.path.exists(tmp_path / "out" / "checkpoint.pth")  # no case trained an epoch
+
+
+def visible_lines(err):
+    """stderr as a terminal shows it: a line rewritten with \\r (tqdm's bar) shows its last text."""
+    return [text for line in err.split("\n") if (text := line.split("\r")[-1].strip())]
+
+
+# a bad value of each flag that takes one, and the allowed range its error must name; every flag
+# with a type is listed (checked below), so that a new flag cannot go without its range check
+FLAG_RANGES = {
+    "--drop-path": (["1", "-0.1"], "a number in [0, 1)"),
+    "--input-size": (["0", "-3", "2.5"], "an integer >= 1"),
+    "--fake-samples": (["0"], "an integer >= 1"),
+    "--workers": (["-1", "two"], "an integer >= 0"),
+    "--epochs": (["0"], "an integer >= 1"),
+    "--batch-size": (["0", "1e3"], "an integer >= 1"),
+    "--lr": (["-1", "0", "nan", "inf"], "a number > 0"),
+    "--min-lr": (["-1e-5"], "a number >= 0"),
+    "--warmup-lr": (["0"], "a number > 0"),
+    "--warmup-epochs": (["-1"], "an integer >= 0"),
+    "--weight-decay": (["-0.05"], "a number >= 0"),
+    "--clip-grad": (["0", "-1"], "a number > 0"),
+    "--smoothing": (["1.5", "-0.1"], "a number in [0, 1]"),
+    "--mixup": (["-0.8"], "a number >= 0"),
+    "--cutmix": (["-1"], "a number >= 0"),
+    "--aa": (["rand-m11-n2"], "unknown policy"),
+    "--color-jitter": (["-0.4"], "a number >= 0"),
+    "--reprob": (["1.25"], "a number in [0, 1]"),
+    "--model-ema-decay": (["1.1", "-1"], "a number in [0, 1]"),
+    "--seed": (["-1", str(2**32)], "an integer in [0, 2^32)"),
+}
+
+
+def test_train_every_flag_checks_its_range(capsys):
+    parser = train.get_args_parser()
+    assert {a.option_strings[0] for a in parser._actions if a.type is not None} == set(FLAG_RANGES)
+    for flag, (values, allowed) in FLAG_RANGES.items():
+        for value in values:
+            with pytest.raises(SystemExit) as exit_info:
+                train.main(parser.parse_args([f"{flag}={value}"]))  # = lets argparse take -1e-5
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and "Traceback" not in err, (flag, value)
+            assert err == f"train.py: error: argument {flag}: expected {allowed}, got {value!r}\n" or (
+                flag == "--aa" and err.startswith(f"train.py: error: argument --aa: unknown policy '{value}'"))
+    # the edges of each range are accepted, and the value typed is the value used
+    edges = {"--drop-path": 0.0, "--workers": 0, "--warmup-epochs": 0, "--min-lr": 0.0, "--mixup": 0.0,
+             "--smoothing": 1.0, "--reprob": 0.0, "--model-ema-decay": 1.0, "--seed": 2**32 - 1, "--epochs": 1}
+    args = parser.parse_args([text for flag, value in edges.items() for text in (flag, str(value))])
+    assert {flag: getattr(args, flag[2:].replace("-", "_")) for flag in edges} == edges
+
+
+def test_train_default_workers_fit_the_machine():
+    for preset, most in (("imagenet", 8), ("cifar", 4)):
+        workers = train.PRESETS[preset]["workers"]
+        assert 1 <= workers <= most
+        with warnings.catch_warnings():  # DataLoader warns of more workers than this process's cores
+            warnings.simplefilter("error")
+            torch.utils.data.DataLoader([0], num_workers=workers).check_worker_number_rationality()
 
 
 @slow
 def test_train_bad_input_as_a_process(tmp_path):
+    """As a user meets it: one line and exit code 2, no traceback, also from a data-loading process;
+    an image that breaks epoch 2 leaves epoch 1's checkpoint, which --resume continues once it is gone."""
+    def train_py(*argv):
+        cmd = [sys.executable, "train.py", *TINY, "--output-dir", str(tmp_path / "out"), *map(str, argv)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        proc.stderr = proc.stderr.decode()  # not text=True, which would turn tqdm's \r into \n
+        return proc
+
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "foreign.pth")
-    cmd = [sys.executable, "train.py", *TINY, *FAKE, "--eval-only", "--resume", str(tmp_path / "foreign.pth"),
-           "--output-dir", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "does not fit" in proc.stderr
+    make_image_folder(tmp_path / "pets", per_split=(("train", 4), ("val", 1)))  # 12 train images: 3 steps
+    pets = ["--dataset", "imagenet", "--data-path", tmp_path / "pets", "--input-size", 32, "--no-repeated-aug"]
+    run_train(tmp_path / "out", *pets, "--epochs", 1)
+    saved = (tmp_path / "out" / "checkpoint.pth").read_bytes()
+    os.remove(tmp_path / "pets" / "train" / "dog" / "0.png")
+    (tmp_path / "pets" / "train" / "dog" / "x.png").write_bytes(bytes(range(256)))  # still 12 images
+    resume = ["--resume", tmp_path / "out" / "checkpoint.pth"]
+    cases = {  # arguments: words of the one line
+        (*FAKE, "--lr", "-1"): "argument --lr: expected a number > 0, got '-1'",
+        (*FAKE, "--eval-only", "--resume", tmp_path / "foreign.pth"): "does not fit ravlt_nano; missing "
+            "(162): patch_embed.proj.0.weight, patch_embed.proj.0.bias, patch_embed.proj.1.weight; unexpected "
+            "(1): fc.weight",
+        (*pets, "--epochs", 2, "--workers", 1, *resume):  # met by a worker, in epoch 2
+            f"cannot decode image {tmp_path / 'pets' / 'train' / 'dog' / 'x.png'} (not in a format PIL reads); "
+            f"fix or delete it, then continue with --resume {tmp_path / 'out' / 'checkpoint.pth'}",
+    }
+    for argv, words in cases.items():
+        proc = train_py(*argv)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        (line,) = visible_lines(proc.stderr)
+        assert line.startswith("train.py: error: ") and line.endswith(words), proc.stderr
+    assert (tmp_path / "out" / "checkpoint.pth").read_bytes() == saved  # epoch 1's, untouched
+    os.remove(tmp_path / "pets" / "train" / "dog" / "x.png")
+    run_train(tmp_path / "out", *pets, "--epochs", 2, *resume)
+    assert [row["epoch"] for row in read_log(tmp_path / "out")] == [1, 2]
 
 
 def test_train_repeat_aug_sampler_spreads_copies():

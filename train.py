@@ -21,6 +21,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 import warnings
 
@@ -32,18 +33,21 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 import ravlt
 
+# the cores this process may use, which DataLoader also counts before warning of too many workers
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 # Only these defaults differ between the release's ImageNet recipe and the CIFAR preset; a flag
 # given on the command line always wins. `fake` data stands in for ImageNet.
 PRESETS = {
     "imagenet": dict(epochs=300, batch_size=128, lr=5e-4, warmup_epochs=5, input_size=224,
-                     repeated_aug=True, model_ema=True, workers=8),
+                     repeated_aug=True, model_ema=True, workers=min(8, CORES)),
     "cifar": dict(epochs=100, batch_size=128, lr=2e-3, warmup_epochs=5, input_size=32,
-                  repeated_aug=False, model_ema=False, workers=4),
+                  repeated_aug=False, model_ema=False, workers=min(4, CORES)),
 }
 RA_REPEATS = 3  # repeated augmentation: copies of each image per epoch, as DeiT and the release
 TRAIN_STATE = ("model", "optimizer", "scheduler", "scaler", "epoch", "rng", "sampler")
@@ -53,6 +57,28 @@ def fail(message):
     """Bad input: one line on stderr and exit code 2 (argparse's convention), never a traceback."""
     print(f"train.py: error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def ranged(cast, ok, expected):
+    """An argparse type: `cast` the text and keep the value if ok(value), else name the allowed range."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = ranged(int, lambda v: v >= 1, "an integer >= 1")
+natural = ranged(int, lambda v: v >= 0, "an integer >= 0")
+seed_int = ranged(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2^32)")
+positive = ranged(float, lambda v: v > 0, "a number > 0")
+non_negative = ranged(float, lambda v: v >= 0, "a number >= 0")
+fraction = ranged(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+below_one = ranged(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def aa_policy(text):
@@ -70,51 +96,52 @@ def get_args_parser():
     # model and data
     add("--model", default="ravlt_t", choices=list(ravlt.VARIANTS), metavar="NAME",
         help=f"variant: {', '.join(ravlt.VARIANTS)} (default: ravlt_t)")
-    add("--drop-path", type=float, metavar="P",
+    add("--drop-path", type=below_one, metavar="P",
         help="stochastic-depth probability of the last block (default: the variant's own, 0.1 for T)")
-    add("--input-size", type=int, metavar="PX", help="image side, pixels (default: 224; cifar 32)")
+    add("--input-size", type=positive_int, metavar="PX", help="image side, pixels (default: 224; cifar 32)")
     add("--dataset", default="cifar10", choices=["cifar10", "cifar100", "imagenet", "fake"],
         help="cifar10/cifar100 (downloaded when absent), imagenet (any folder DIR/train/<class>/, "
              "DIR/val/<class>/), fake (random images) (default: cifar10)")
     add("--data-path", metavar="DIR", help="dataset folder (default: ./data for cifar; needed for imagenet)")
-    add("--fake-samples", type=int, default=512, metavar="N",
+    add("--fake-samples", type=positive_int, default=512, metavar="N",
         help="images in the fake training set; its val set has N/4 (default: 512)")
-    add("--workers", type=int, metavar="N", help="data-loading processes per process (default: 8; cifar 4)")
+    add("--workers", type=natural, metavar="N", help="data-loading processes per process (default: the "
+        f"cores this process may use, at most 8, here {PRESETS['imagenet']['workers']}; cifar at most 4)")
     # optimisation
-    add("--epochs", type=int, metavar="N", help="training epochs (default: 300; cifar 100)")
-    add("--batch-size", type=int, metavar="N",
+    add("--epochs", type=positive_int, metavar="N", help="training epochs (default: 300; cifar 100)")
+    add("--batch-size", type=positive_int, metavar="N",
         help="images per process and step; global batch = N × processes (default: 128; cifar 128)")
-    add("--lr", type=float, help="peak learning rate per 512 images of global batch, scaled linearly "
-                                 "to the real global batch (default: 5e-4; cifar 2e-3)")
-    add("--min-lr", type=float, default=1e-5, metavar="LR",
+    add("--lr", type=positive, help="peak learning rate per 512 images of global batch, scaled "
+                                    "linearly to the real global batch (default: 5e-4; cifar 2e-3)")
+    add("--min-lr", type=non_negative, default=1e-5, metavar="LR",
         help="final learning rate of the cosine (default: 1e-5)")
-    add("--warmup-lr", type=float, default=1e-6, metavar="LR",
+    add("--warmup-lr", type=positive, default=1e-6, metavar="LR",
         help="learning rate of the first step (default: 1e-6)")
-    add("--warmup-epochs", type=int, metavar="N", help="epochs of linear warm-up (default: 5; cifar 5)")
-    add("--weight-decay", type=float, default=0.05, metavar="WD",
+    add("--warmup-epochs", type=natural, metavar="N", help="epochs of linear warm-up (default: 5; cifar 5)")
+    add("--weight-decay", type=non_negative, default=0.05, metavar="WD",
         help="AdamW decoupled weight decay, none on biases and other 1-D parameters (default: 0.05)")
-    add("--clip-grad", type=float, metavar="NORM",
+    add("--clip-grad", type=positive, metavar="NORM",
         help="clip the gradients' global L2 norm to NORM (default: no clipping)")
     # augmentation and regularisation
-    add("--smoothing", type=float, default=0.1, metavar="EPS",
+    add("--smoothing", type=fraction, default=0.1, metavar="EPS",
         help="label smoothing: share of each target spread over all classes (default: 0.1)")
-    add("--mixup", type=float, default=0.8, metavar="ALPHA",
+    add("--mixup", type=non_negative, default=0.8, metavar="ALPHA",
         help="MixUp Beta(α, α) parameter, 0 = off (default: 0.8)")
-    add("--cutmix", type=float, default=1.0, metavar="ALPHA",
+    add("--cutmix", type=non_negative, default=1.0, metavar="ALPHA",
         help="CutMix Beta(α, α) parameter, 0 = off; with both on, each batch uses one (default: 1.0)")
     add("--aa", type=aa_policy, default="rand-m9-n2", metavar="POLICY",
         help="augmentation policy: rand-mM-nN (RandAugment, N ops of magnitude M on timm's 0-10 "
              "scale), trivialaugment, or none (default: rand-m9-n2)")
-    add("--color-jitter", type=float, default=0.4, metavar="F",
+    add("--color-jitter", type=non_negative, default=0.4, metavar="F",
         help="brightness/contrast/saturation jitter, only with --aa none, as in timm (default: 0.4)")
-    add("--reprob", type=float, default=0.25, metavar="P",
+    add("--reprob", type=fraction, default=0.25, metavar="P",
         help="random-erasing probability per image (default: 0.25)")
     add("--repeated-aug", action=argparse.BooleanOptionalAction,
         help=f"repeated augmentation: each image {RA_REPEATS}× per epoch, on different processes "
              "(default: on; cifar off)")
     add("--model-ema", action=argparse.BooleanOptionalAction,
         help="keep, evaluate and save an exponential moving average of the weights (default: on; cifar off)")
-    add("--model-ema-decay", type=float, default=0.99996, metavar="D",
+    add("--model-ema-decay", type=fraction, default=0.99996, metavar="D",
         help="EMA decay per step at global batch 512; D^(B/512) at batch B (default: 0.99996)")
     # runtime
     add("--amp", choices=["bf16", "fp16", "none"],
@@ -123,7 +150,7 @@ def get_args_parser():
     add("--compile", action="store_true", help="wrap the model in torch.compile (default: off)")
     add("--device", choices=["cuda", "cpu"],
         help="where to compute; under torchrun process r takes cuda:LOCAL_RANK (default: cuda if available)")
-    add("--seed", type=int, default=0, metavar="N",
+    add("--seed", type=seed_int, default=0, metavar="N",
         help="random seed; process r augments with N + r (default: 0)")
     add("--output-dir", metavar="DIR",
         help="folder for log.jsonl and checkpoint.pth (default: output/MODEL_DATASET)")
@@ -159,6 +186,26 @@ class RepeatAugSampler(torch.utils.data.Sampler):
         return self.num_samples
 
 
+class UnreadableImage(Exception):
+    """An image file that cannot be decoded. Raised in a DataLoader worker, it reaches the main process
+    as this type again, its text the worker's traceback: the message is that text's last line."""
+
+    def __str__(self):
+        return super().__str__().strip().splitlines()[-1].split("UnreadableImage: ")[-1]
+
+
+def load_image(path):
+    """ImageFolder's loader (PIL, RGB), raising UnreadableImage with the file's name when it fails."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        reason = "not in a format PIL reads"
+    except Exception as e:  # by format: OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        reason = str(e).partition("\n")[0] or type(e).__name__
+    raise UnreadableImage(f"cannot decode image {path} ({reason})")
+
+
 def build_datasets(args, rank, world):
     """{split: dataset} without transforms (they need the model's config), and the class count."""
     splits = ("val",) if args.eval_only else ("train", "val")
@@ -176,7 +223,7 @@ def build_datasets(args, rank, world):
                 fail(f"no folder {folder}; --dataset imagenet expects DIR/train/<class>/<images> and "
                      "DIR/val/<class>/<images>")
             try:
-                sets[split] = datasets.ImageFolder(folder)
+                sets[split] = datasets.ImageFolder(folder, loader=load_image)
             except FileNotFoundError as e:  # no class folders, or no images in them
                 fail(f"{folder}: {str(e).splitlines()[0]}")
         if "train" in sets and sets["train"].classes != sets["val"].classes:
@@ -234,11 +281,11 @@ def build_transforms(args, cfg):
 
 def read_checkpoint(path):
     """ravlt.read_checkpoint (weights_only=True: a checkpoint is data, never code), read once."""
-    if not os.path.isfile(path):
-        fail(f"--resume {path}: no such file")
     try:
         ckpt = ravlt.read_checkpoint(path)
-    except ValueError as e:
+    except FileNotFoundError:
+        fail(f"--resume {path}: no such file")
+    except ValueError as e:  # a directory, empty, truncated, not a checkpoint, ...
         fail(str(e).strip().splitlines()[0])
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model", ckpt), dict):
         fail(f"checkpoint {path} holds no state dict (expected a dict, or a dict with a 'model' entry)")
@@ -252,6 +299,18 @@ def load_weights(model, path, ckpt, use_ema=False):
         ravlt.load_checkpoint(model, ckpt, use_ema=use_ema, new_head=False)
     except ValueError as e:
         fail(f"{path}: {str(e).splitlines()[0]}")
+
+
+def prepare_output_dir(folder):
+    """Create --output-dir and prove it writable now, so that a bad one fails before any work."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        fail(f"--output-dir {folder} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        fail(f"--output-dir {folder} cannot be created or written ({e.strerror or e})")
 
 
 def save_checkpoint(state, path):
@@ -361,6 +420,18 @@ def init_distributed(args):
 
 
 def main(args):
+    """run(args), with an image that cannot be decoded turned into one line saying what to do."""
+    started = time.time()
+    try:
+        return run(args)
+    except UnreadableImage as e:
+        saved = os.path.join(args.output_dir, "checkpoint.pth")  # this run's last finished epoch
+        saved = saved if os.path.isfile(saved) and os.path.getmtime(saved) >= started else args.resume
+        fail(f"{e}; fix or delete it, then " +
+             (f"continue with --resume {saved}" if saved and not args.eval_only else "run again"))
+
+
+def run(args):
     rank, world, device = init_distributed(args)
     log = print if rank == 0 else (lambda *a, **k: None)
     cifar = args.dataset.startswith("cifar")
@@ -382,6 +453,8 @@ def main(args):
     if ckpt is not None and not args.eval_only and (lost := [k for k in TRAIN_STATE if k not in ckpt]):
         fail(f"--resume {args.resume} is not a train.py checkpoint (no {', '.join(lost)}); "
              "to evaluate it, add --eval-only")
+    if not args.eval_only:
+        prepare_output_dir(args.output_dir)
 
     torch.manual_seed(args.seed)  # the same initial weights on every process
     sets, num_classes = build_datasets(args, rank, world)
@@ -463,7 +536,6 @@ def main(args):
     train_model = torch.compile(train_model) if args.compile else train_model
     eval_model = torch.compile(model) if args.compile else model  # outside DDP: shards may differ
 
-    os.makedirs(args.output_dir, exist_ok=True)
     log_path, ckpt_path = (os.path.join(args.output_dir, f) for f in ("log.jsonl", "checkpoint.pth"))
     if rank == 0 and ckpt is None:
         open(log_path, "w").close()  # a fresh run starts a fresh log
@@ -471,7 +543,8 @@ def main(args):
         f"classes, {len(sets['train'])} train / {len(sets['val'])} val images, {world} process(es) on "
         f"{device.type}, global batch {global_batch}, peak lr {lr:.3g}, amp {args.amp}")
     if start_epoch >= args.epochs:
-        log(f"nothing to do: {args.resume} is at epoch {start_epoch} of --epochs {args.epochs}")
+        log(f"nothing to do: {args.resume} is at epoch {start_epoch} of --epochs {args.epochs}; "
+            "raise --epochs to train on")
 
     row = {}
     for epoch in range(start_epoch, args.epochs):
