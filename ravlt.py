@@ -425,7 +425,7 @@ class RAVLT(nn.Module):
                  out_norm=False):
         super().__init__()
         if out_norm and not features_only:
-            raise ValueError("out_norm=True needs features_only=True (it normalises the stage outputs)")
+            raise ValueError("out_norm=True needs features_only=True")
         self.cfg, self.features_only, self.norm_eval = cfg, features_only, norm_eval
         self.num_classes, self.in_chans = cfg.num_classes, cfg.in_chans
         self.feature_channels = tuple(cfg.dims)
@@ -621,17 +621,15 @@ VARIANTS = {
 RELEASED = ("ravlt_t", "ravlt_s", "ravlt_b", "ravlt_l")  # the variants with official checkpoints
 HUB_URL = "https://huggingface.co/aldjalkdf/RAVLT/resolve/main/"  # the release's files
 PRETRAINED = {name: f"RAVLT_{name[-1].upper()}.pth" for name in RELEASED}  # ImageNet-1k classifiers
-# its COCO (mmdetection) and ADE20K (mmsegmentation) models, as its README names them
-DOWNSTREAM = [f"{model}_{size}_{schedule}.pth" for model, sizes, schedule in [
-    ("retinanet", "tsbl", "1x_12_epoch"), ("maskrcnn", "tsbl", "1x_12_epoch"),
-    ("maskrcnn", "sbl", "3x_36_epoch"), ("Casmaskrcnn", "sbl", "3x_36_epoch"), ("fpn", "tsbl", "1x"),
-    ("uper", "sbl", "2x")] for size in sizes]
+DOWNSTREAM = [f"{model}_{size}_{schedule}.pth" for model, sizes, schedule in [  # COCO, ADE20K models
+    ("retinanet", "tsbl", "1x_12_epoch"), ("maskrcnn", "tsbl", "1x_12_epoch"), ("fpn", "tsbl", "1x"),
+    ("maskrcnn", "sbl", "3x_36_epoch"), ("Casmaskrcnn", "sbl", "3x_36_epoch"), ("uper", "sbl", "2x")]
+    for size in sizes]
 
 
 def download_checkpoint(name):
-    """Local path of a file of the release: a variant's ImageNet-1k weights ("ravlt_t" gives
-    RAVLT_T.pth) or a file of DOWNSTREAM ("maskrcnn_t_1x_12_epoch.pth"). As torchvision does with its
-    weights, the file is kept in torch's hub cache, torch.hub.get_dir()/checkpoints ($TORCH_HOME/hub):
+    """Local path of a release file: "ravlt_t" (RAVLT_T.pth, ImageNet-1k) or a DOWNSTREAM file name.
+    Kept where torchvision keeps its weights, torch.hub.get_dir()/checkpoints ($TORCH_HOME/hub):
     downloaded once with a progress bar, then read from there without any network."""
     file = PRETRAINED.get(name, name)
     if file not in (*PRETRAINED.values(), *DOWNSTREAM):
@@ -643,15 +641,12 @@ def download_checkpoint(name):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             torch.hub.download_url_to_file(url, part, progress=True)
-            # torch keeps a body cut short without an error; a .pth is a zip, whose directory is last
-            if not zipfile.is_zipfile(part):
+            if not zipfile.is_zipfile(part):  # torch keeps a body cut short; a .pth zip ends whole
+                os.remove(part)
                 raise OSError("incomplete file")
             os.replace(part, path)  # only a whole file ever reaches `path`
         except OSError as e:  # offline, HTTP 404, ... (urllib's errors are OSErrors), disk full
             raise RuntimeError(f"cannot download {url} ({e}); put the file at {path} by hand") from None
-        finally:
-            if os.path.exists(part):
-                os.remove(part)
     return path
 
 
@@ -661,11 +656,9 @@ def create_model(name, pretrained=None, features_only=False, compile_attn=None, 
 
     overrides: any RAVLTConfig field (num_classes, in_chans, drop_path_rate, attn, ...).
     compile_attn: None compiles the attention on CUDA only, True always (CPU via inductor), False never.
-    pretrained: True for the release's ImageNet-1k weights of `name` (download_checkpoint), or the
-      path of a checkpoint (see load_checkpoint). True takes the file's `model` weights, not its
-      `model_ema`: the release fine-tunes from `model` (--finetune in its classfication/main.py) and
-      its published accuracy is the best epoch of either; for the EMA weights:
-      load_checkpoint(model, download_checkpoint(name), use_ema=True).
+    pretrained: a checkpoint's path (see load_checkpoint), or True: the release's ImageNet-1k file
+      (download_checkpoint), its `model` weights, which the release itself fine-tunes from (its
+      main.py --finetune); its paper's accuracy is the best epoch of `model` and `model_ema` alike.
     features_only: forward returns the four stage maps (a backbone); norm_eval: BatchNorm frozen;
     out_norm (with features_only): a LayerNorm on each map, as the release's COCO/ADE20K backbones.
     """
