@@ -534,7 +534,8 @@ def test_download_failure_or_cut_short_leaves_no_file(hub_cache, tmp_path, monke
     try:
         url = f"http://127.0.0.1:{server.server_port}/files/"
         monkeypatch.setattr(ravlt, "HUB_URL", url)
-        for name, file, reason in [("ravlt_t", "RAVLT_T.pth", "incomplete"), ("ravlt_s", "RAVLT_S.pth", "404")]:
+        for name, file, reason in [("ravlt_t", "RAVLT_T.pth", "incomplete"),
+                                   ("ravlt_s", "RAVLT_S.pth", "404")]:
             with pytest.raises(RuntimeError) as err:
                 ravlt.create_model(name, pretrained=True)
             msg = str(err.value)
@@ -930,7 +931,7 @@ def test_train_pretrained_fine_tunes_into_another_class_count(tmp_path, hub_cach
     monkeypatch.setitem(ravlt.PRETRAINED, "ravlt_nano", "RAVLT_T.pth")
     os.makedirs(hub_cache)
     os.replace(tmp_path / "RAVLT_nano.pth", hub_cache / "RAVLT_T.pth")
-    run_train(tmp_path / "out2", *folder, "--pretrained")
+    run_train(tmp_path / "out2", "--pretrained", *folder)  # a flag right after it: no PATH
     assert torch.equal(load_ckpt(tmp_path / "out2" / "checkpoint.pth")["model"]["proj.weight"],
                        tuned["proj.weight"])  # the same start and seed: the same run
 
@@ -1014,6 +1015,26 @@ def test_train_torchrun_two_processes_gloo(tmp_path):
     single = run_train(tmp_path / "single", *FAKE, "--eval-only", "--resume", out / "checkpoint.pth")
     for key in ("val_loss", "val_acc1", "ema_val_loss", "ema_val_acc1"):
         assert row[key] == pytest.approx(single[key], abs=1e-5), key
+
+
+@slow
+def test_train_torchrun_pretrained_from_hub_cache(tmp_path):
+    # the real name: RAVLT_T.pth planted in TORCH_HOME's hub cache; process 0 "downloads" (finds it)
+    # while process 1 waits, then both read it; no network is needed for a cached file
+    src = randomize_(ravlt.create_model("ravlt_t"))
+    os.makedirs(tmp_path / "home" / "hub" / "checkpoints")
+    release_style_checkpoint(tmp_path / "home" / "hub" / "checkpoints" / "RAVLT_T.pth", src.state_dict(),
+                             ravlt.create_model("ravlt_t").state_dict())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           *TINY, *FAKE, "--model", "ravlt_t", "--epochs", "1", "--pretrained",
+           "--output-dir", str(tmp_path / "out")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_HOME=str(tmp_path / "home"))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"weights from {tmp_path / 'home' / 'hub' / 'checkpoints' / 'RAVLT_T.pth'}" in proc.stdout
+    tuned = load_ckpt(tmp_path / "out" / "checkpoint.pth")["model"]
+    for k, v in src.named_parameters():  # one warm-up epoch (lr ≤ 4e-6) from the file's `model`
+        assert (tuned[k] - v).abs().max() < 1e-3, k
 
 
 def bad_input_cases(tmp):

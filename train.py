@@ -4,7 +4,7 @@ Train or evaluate RAVLT on CIFAR, ImageNet or any ImageNet-layout folder, in one
     python train.py --model ravlt_t                                   # CIFAR-10, one process
     torchrun --nproc_per_node 8 train.py --model ravlt_t --dataset imagenet --data-path DIR
     python train.py --dataset imagenet --data-path DIR --eval-only --resume RAVLT_T.pth
-    python train.py --model ravlt_t --pretrained --dataset cifar100 ...     # fine-tune the release's
+    python train.py --model ravlt_t --pretrained --dataset cifar100 --input-size 224 --lr 4e-4 --epochs 30
 
 The defaults are the release's ImageNet recipe (DeiT's, as RAVLT used it): AdamW at 5e-4 per 512
 images of global batch, weight decay 0.05 (none on 1-D parameters), 5 warm-up epochs from 1e-6 then
