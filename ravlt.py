@@ -27,10 +27,12 @@ State-dict keys are identical to the release's, so its checkpoints load as they 
 import argparse
 import importlib.util
 import math
+import os
 import platform
 import sys
 import time
 import weakref
+import zipfile
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -415,8 +417,11 @@ def stem(in_chans, dim):
 
 
 class RAVLT(nn.Module):
-    def __init__(self, cfg: RAVLTConfig, features_only=False, compile_attn=None, norm_eval=False):
+    def __init__(self, cfg: RAVLTConfig, features_only=False, compile_attn=None, norm_eval=False,
+                 out_norm=False):
         super().__init__()
+        if out_norm and not features_only:
+            raise ValueError("out_norm=True needs features_only=True")
         self.cfg, self.features_only, self.norm_eval = cfg, features_only, norm_eval
         self.num_classes, self.in_chans = cfg.num_classes, cfg.in_chans
         self.feature_channels = tuple(cfg.dims)
@@ -432,6 +437,8 @@ class RAVLT(nn.Module):
                 cfg.attn[i], cfg.mlp_ratio, rates[first:first + depth], cfg.layer_scale_init[i],
                 compile_attn))
         self.num_features, self.head_hidden_size = cfg.dims[-1], cfg.head_hidden
+        if out_norm:  # the release's COCO/ADE20K backbones: a LayerNorm on each stage output
+            self.extra_norms = nn.ModuleList(LayerNorm2d(dim) for dim in cfg.dims)
         if not features_only:  # classification head: conv1×1 + BN + SiLU, pool, conv1×1
             self.proj = nn.Conv2d(cfg.dims[-1], cfg.head_hidden, 1)
             self.norm = nn.BatchNorm2d(cfg.head_hidden)
@@ -491,8 +498,10 @@ class RAVLT(nn.Module):
         return x.flatten(1) if pre_logits else self.head(x).flatten(1)  # (B, 1024) or (B, classes)
 
     def forward(self, x):
-        if self.features_only:
-            return self.forward_stages(x)  # [(B, C_i, H/2^(i+2), W/2^(i+2)) for i in 0..3]
+        if self.features_only:  # [(B, C_i, H/2^(i+2), W/2^(i+2)) for i in 0..3]
+            features = self.forward_stages(x)
+            norms = getattr(self, "extra_norms", [nn.Identity()] * len(features))
+            return [norm(f) for norm, f in zip(norms, features)]
         return self.forward_head(self.forward_features(x))
 
     @torch.no_grad()
@@ -547,6 +556,7 @@ def _state_dict(ckpt, name, use_ema):
     """The model weights inside a release .pth, a training checkpoint of ours, or a plain state dict."""
     if not isinstance(ckpt, dict):
         raise ValueError(f"{name} holds a {type(ckpt).__name__}, expected a dict")
+    ckpt = _backbone_weights(ckpt)
     if use_ema and "model_ema" not in ckpt:
         raise ValueError(f"{name} has no 'model_ema' entry")
     sd = ckpt.get("model_ema" if use_ema else "model", ckpt)
@@ -555,12 +565,22 @@ def _state_dict(ckpt, name, use_ema):
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}  # DDP, compile
 
 
+def _backbone_weights(ckpt):
+    """An mmdetection / mmsegmentation file (the release's COCO and ADE20K models) keeps its weights
+    under `state_dict`, the backbone's prefixed `backbone.`: keep those, drop the neck's and heads'."""
+    sd = ckpt.get("state_dict")
+    if not isinstance(sd, dict) or not any(k.startswith("backbone.") for k in sd):
+        return ckpt
+    return {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+
+
 def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
     """Load weights into `model` strictly; returns the model. `checkpoint`: a path, or a dict
     already read with `read_checkpoint` (so that a large file is read once).
 
     Accepts the release's RAVLT_{T,S,B,L}.pth (dict with `model`, `model_ema`, `optimizer`, ...,
-    `args`), this project's training checkpoints, and plain state dicts. A features-only model
+    `args`), this project's training checkpoints, plain state dicts, and the backbone of the
+    release's mmdetection / mmsegmentation files (features-only models). A features-only model
     ignores the classification head; a model with another number of classes (or none) keeps its own
     head, unless new_head=False, which refuses such a checkpoint (evaluation needs its head).
     Weights that do not fit raise ValueError: another variant's are named as such.
@@ -571,8 +591,8 @@ def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
     sd, own = _state_dict(ckpt, name, use_ema), model.state_dict()
     top = ("proj.", "norm.", "head.")  # the classifier, which a features-only model lacks
 
-    def body(state):  # the backbone's shapes
-        return {k: v.shape for k, v in state.items() if not k.startswith(top)}
+    def body(state):  # the backbone's shapes (out-norms aside: a detector's own addition)
+        return {k: v.shape for k, v in state.items() if not k.startswith((*top, "extra_norms."))}
 
     arch = getattr(model, "pretrained_cfg", {}).get("architecture", "this model")
     if arch in VARIANTS and body(sd) != body(own):  # another variant? its name as recorded, or by shapes
@@ -585,8 +605,10 @@ def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
                 held = next((v for v in VARIANTS if body(create_model(v).state_dict()) == body(sd)), None)
         if held and held != arch:
             raise ValueError(f"{name} holds {held} weights, the model is {arch}")
-    if model.features_only:
-        sd = {k: v for k, v in sd.items() if not k.startswith(top)}
+    if model.features_only:  # no head; the out-norms (out_norm=True) from the file when it has them
+        norms = {k: v for k, v in own.items() if k.startswith("extra_norms.")}
+        sd = {**norms, **{k: v for k, v in sd.items() if not k.startswith(top)
+                          and (k in norms or not k.startswith("extra_norms."))}}
     elif "head.weight" in sd and sd["head.weight"].shape[0] != model.num_classes:
         if not new_head:
             raise ValueError(f"{name} classifies {sd['head.weight'].shape[0]} classes, the model "
@@ -624,16 +646,48 @@ VARIANTS = {
 
 
 RELEASED = ("ravlt_t", "ravlt_s", "ravlt_b", "ravlt_l")  # the variants with official checkpoints
+HUB_URL = "https://huggingface.co/aldjalkdf/RAVLT/resolve/main/"  # the release's files
+PRETRAINED = {name: f"RAVLT_{name[-1].upper()}.pth" for name in RELEASED}  # ImageNet-1k classifiers
+DOWNSTREAM = [f"{model}_{size}_{schedule}.pth" for model, sizes, schedule in [  # COCO, ADE20K models
+    ("retinanet", "tsbl", "1x_12_epoch"), ("maskrcnn", "tsbl", "1x_12_epoch"), ("fpn", "tsbl", "1x"),
+    ("maskrcnn", "sbl", "3x_36_epoch"), ("Casmaskrcnn", "sbl", "3x_36_epoch"), ("uper", "sbl", "2x")]
+    for size in sizes]
+
+
+def download_checkpoint(name):
+    """Local path of a release file: "ravlt_t" (RAVLT_T.pth, ImageNet-1k) or a DOWNSTREAM file name.
+    Kept where torchvision keeps its weights, torch.hub.get_dir()/checkpoints ($TORCH_HOME/hub):
+    downloaded once with a progress bar, then read from there without any network."""
+    file = PRETRAINED.get(name, name)
+    if file not in (*PRETRAINED.values(), *DOWNSTREAM):
+        raise ValueError(f"{name!r} has no released weights; released: {', '.join(PRETRAINED)} "
+                         "and the files in ravlt.DOWNSTREAM")
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", file)
+    if not os.path.exists(path):
+        url, part = HUB_URL + file, f"{path}.{os.getpid()}.part"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, part, progress=True)
+            if not zipfile.is_zipfile(part):  # torch keeps a body cut short; a .pth zip ends whole
+                os.remove(part)
+                raise OSError("incomplete file")
+            os.replace(part, path)  # only a whole file ever reaches `path`
+        except OSError as e:  # offline, HTTP 404, ... (urllib's errors are OSErrors), disk full
+            raise RuntimeError(f"cannot download {url} ({e}); put the file at {path} by hand") from None
+    return path
 
 
 def create_model(name, pretrained=None, features_only=False, compile_attn=None, norm_eval=False,
-                 **overrides):
+                 out_norm=False, **overrides):
     """Build a RAVLT variant: create_model("ravlt_t", num_classes=10, attn=("rala",) * 4).
 
     overrides: any RAVLTConfig field (num_classes, in_chans, drop_path_rate, attn, ...).
     compile_attn: None compiles the attention on CUDA only, True always (CPU via inductor), False never.
-    pretrained: path of a checkpoint to load (see `load_checkpoint`).
-    features_only: forward returns the four stage maps (a backbone); norm_eval: BatchNorm frozen.
+    pretrained: a checkpoint's path (see load_checkpoint), or True: the release's ImageNet-1k file
+      (download_checkpoint), its `model` weights, which the release itself fine-tunes from (its
+      main.py --finetune); its paper's accuracy is the best epoch of `model` and `model_ema` alike.
+    features_only: forward returns the four stage maps (a backbone); norm_eval: BatchNorm frozen;
+    out_norm (with features_only): a LayerNorm on each map, as the release's COCO/ADE20K backbones.
     """
     if name not in VARIANTS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}")
@@ -648,13 +702,14 @@ def create_model(name, pretrained=None, features_only=False, compile_attn=None, 
     attn = tuple(cfg.attn)
     if len(attn) != stages or any(a not in ATTENTION_KINDS for a in attn):
         raise ValueError(f"attn must be {stages} values from {ATTENTION_KINDS}, got {attn}")
-    model = RAVLT(replace(cfg, attn=attn), features_only, compile_attn, norm_eval)
+    path = download_checkpoint(name) if pretrained is True else pretrained
+    model = RAVLT(replace(cfg, attn=attn), features_only, compile_attn, norm_eval, out_norm)
     model.pretrained_cfg = dict(
         architecture=name, num_classes=cfg.num_classes, input_size=(cfg.in_chans, 224, 224),
         pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_MEAN,
         std=IMAGENET_STD, first_conv="patch_embed.proj.0", classifier="head")
-    if pretrained:
-        load_checkpoint(model, pretrained)
+    if path:
+        load_checkpoint(model, path)
     return model
 
 

@@ -525,6 +525,133 @@ def test_pretrained_weights_into_other_class_count_and_backbone(tmp_path):
                                src.layers[3].blocks[0].attn.qkvo.weight)
 
 
+# --- the release's weights by name: torch's hub cache, download, mmdetection/mmsegmentation files ---
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty torch hub cache under a temporary TORCH_HOME; its checkpoints/ folder is returned."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    assert Path(torch.hub.get_dir()) == tmp_path / "torch_home" / "hub"
+    return tmp_path / "torch_home" / "hub" / "checkpoints"
+
+
+def nano_release_file(path, seed=1):
+    """A ravlt_nano-shaped file in the release's layout, whose `model` and `model_ema` differ."""
+    a, b = randomize_(ravlt.create_model("ravlt_nano"), seed), randomize_(ravlt.create_model("ravlt_nano"), 9)
+    os.makedirs(path.parent, exist_ok=True)
+    release_style_checkpoint(path, a.state_dict(), b.state_dict())
+    return a.eval()
+
+
+def test_pretrained_true_reads_torch_hub_cache_without_network(hub_cache, tmp_path, monkeypatch):
+    # served as ravlt_nano's "release": the table maps the name to RAVLT_T.pth, already in the cache
+    monkeypatch.setitem(ravlt.PRETRAINED, "ravlt_nano", "RAVLT_T.pth")
+    monkeypatch.setattr(ravlt, "HUB_URL", (tmp_path / "offline").as_uri() + "/")  # any download fails
+    src = nano_release_file(hub_cache / "RAVLT_T.pth")
+    x = torch.randn(2, 3, 32, 32)
+    model = ravlt.create_model("ravlt_nano", pretrained=True).eval()
+    by_path = ravlt.create_model("ravlt_nano", pretrained=hub_cache / "RAVLT_T.pth").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x))  # the file's `model`, not its `model_ema`
+        torch.testing.assert_close(model(x), by_path(x))
+    finetune = ravlt.create_model("ravlt_nano", pretrained=True, num_classes=5)
+    assert finetune.head.weight.shape[0] == 5
+    torch.testing.assert_close(finetune.proj.weight, src.proj.weight)
+    assert os.listdir(hub_cache) == ["RAVLT_T.pth"]
+
+
+def test_pretrained_true_without_released_weights_is_refused():
+    with pytest.raises(ValueError, match="'ravlt_nano' has no released weights; released: ravlt_t"):
+        ravlt.create_model("ravlt_nano", pretrained=True)
+    with pytest.raises(ValueError, match="no released weights"):
+        ravlt.download_checkpoint("RAVLT_X.pth")
+
+
+def test_download_checkpoint_through_file_url(hub_cache, tmp_path, monkeypatch):
+    server = tmp_path / "server"
+    nano_release_file(server / "maskrcnn_t_1x_12_epoch.pth")
+    monkeypatch.setattr(ravlt, "HUB_URL", server.as_uri() + "/")
+    path = ravlt.download_checkpoint("maskrcnn_t_1x_12_epoch.pth")  # torch.hub.download_url_to_file
+    assert Path(path) == hub_cache / "maskrcnn_t_1x_12_epoch.pth"
+    assert Path(path).read_bytes() == (server / "maskrcnn_t_1x_12_epoch.pth").read_bytes()
+    assert os.listdir(hub_cache) == ["maskrcnn_t_1x_12_epoch.pth"]  # no temporary file left
+    os.remove(server / "maskrcnn_t_1x_12_epoch.pth")  # from now on only the cache has it
+    assert ravlt.download_checkpoint("maskrcnn_t_1x_12_epoch.pth") == path
+
+
+def test_download_failure_or_cut_short_leaves_no_file(hub_cache, tmp_path, monkeypatch):
+    import http.server
+    import threading
+
+    nano_release_file(tmp_path / "whole.pth")
+    body = (tmp_path / "whole.pth").read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # RAVLT_T.pth: the connection drops halfway; anything else: 404
+            if self.path.endswith("RAVLT_T.pth"):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.close_connection = True
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/files/"
+        monkeypatch.setattr(ravlt, "HUB_URL", url)
+        for name, file, reason in [("ravlt_t", "RAVLT_T.pth", "incomplete"),
+                                   ("ravlt_s", "RAVLT_S.pth", "404")]:
+            with pytest.raises(RuntimeError) as err:
+                ravlt.create_model(name, pretrained=True)
+            msg = str(err.value)
+            assert f"cannot download {url}{file}" in msg and reason in msg, msg
+            assert f"put the file at {hub_cache / file} by hand" in msg and "\n" not in msg, msg
+            assert os.listdir(hub_cache) == [], name  # neither the file nor a temporary one
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_mmdetection_file_loads_backbone_and_out_norms(tmp_path):
+    src = randomize_(ravlt.create_model("ravlt_nano", features_only=True, out_norm=True), 3).eval()
+    # the keys of the release's detection/segmentation backbones (extra_norms[i] = LayerNorm2d)
+    assert {k for k in src.state_dict() if k.startswith("extra_norms.")} == {
+        f"extra_norms.{i}.norm.{w}" for i in range(4) for w in ("weight", "bias")}
+    weights = {"backbone." + k: v for k, v in src.state_dict().items()}
+    weights.update({"neck.lateral_convs.0.conv.weight": torch.randn(8, 16, 1, 1),
+                    "roi_head.bbox_head.fc_cls.weight": torch.randn(81, 8)})
+    torch.save({"meta": {"epoch": 12, "CLASSES": ("person", "car")}, "state_dict": weights,
+                "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "maskrcnn.pth")
+    x = torch.randn(1, 3, 32, 32)
+    normed = ravlt.create_model("ravlt_nano", features_only=True, out_norm=True,
+                                pretrained=tmp_path / "maskrcnn.pth").eval()
+    plain = ravlt.create_model("ravlt_nano", features_only=True, pretrained=tmp_path / "maskrcnn.pth").eval()
+    with torch.no_grad():
+        expected, stages = src(x), src.forward_stages(x)
+        for a, b in zip(normed(x), expected, strict=True):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(plain(x), stages, strict=True):  # without out_norm: the raw stage maps
+            torch.testing.assert_close(a, b)
+        # an ImageNet file has no out-norms: they stay LayerNorms at their initial weights
+        release_style_checkpoint(tmp_path / "imagenet.pth", plain.state_dict())
+        fresh = ravlt.create_model("ravlt_nano", features_only=True, out_norm=True,
+                                   pretrained=tmp_path / "imagenet.pth").eval()
+        assert all(torch.equal(n.norm.weight, torch.ones_like(n.norm.weight)) for n in fresh.extra_norms)
+        for a, b in zip(fresh(x), stages, strict=True):
+            torch.testing.assert_close(a, F.layer_norm(b.permute(0, 2, 3, 1), b.shape[1:2], eps=1e-6)
+                                       .permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="missing"):  # a detector's file has no classifier
+        ravlt.create_model("ravlt_nano", pretrained=tmp_path / "maskrcnn.pth")
+    with pytest.raises(ValueError, match="out_norm=True needs features_only=True"):
+        ravlt.create_model("ravlt_nano", out_norm=True)
+
+
 # --- the file itself ---
 
 def test_ravlt_py_imports_torch_only():
@@ -863,6 +990,40 @@ def test_train_eval_only_ours_and_release_format(fake_run, tmp_path):
     assert theirs["ema_val_loss"] == pytest.approx(ours["val_loss"], abs=1e-6)
 
 
+def test_train_pretrained_fine_tunes_into_another_class_count(tmp_path, hub_cache, monkeypatch):
+    src = nano_release_file(tmp_path / "RAVLT_nano.pth")  # 1000 classes; the folder has 3
+    make_image_folder(tmp_path / "data")
+    folder = ["--dataset", "imagenet", "--data-path", tmp_path / "data", "--input-size", 32, "--epochs", 1,
+              "--no-repeated-aug", "--no-model-ema", "--warmup-epochs", 1]
+    run_train(tmp_path / "out", *folder, "--pretrained", tmp_path / "RAVLT_nano.pth")
+    tuned = load_ckpt(tmp_path / "out" / "checkpoint.pth")["model"]
+    assert tuned["head.weight"].shape == (3, 64, 1, 1)
+    # a warm-up epoch (lr ≤ 4e-6) moves each weight by ~1e-5: the rest starts from the file's `model`
+    for k, v in src.named_parameters():
+        if not k.startswith("head."):
+            assert (tuned[k] - v).abs().max() < 1e-3, k
+    # no PATH: the release's file for --model, from torch's hub cache
+    monkeypatch.setitem(ravlt.PRETRAINED, "ravlt_nano", "RAVLT_T.pth")
+    os.makedirs(hub_cache)
+    os.replace(tmp_path / "RAVLT_nano.pth", hub_cache / "RAVLT_T.pth")
+    run_train(tmp_path / "out2", "--pretrained", *folder)  # a flag right after it: no PATH
+    assert torch.equal(load_ckpt(tmp_path / "out2" / "checkpoint.pth")["model"]["proj.weight"],
+                       tuned["proj.weight"])  # the same start and seed: the same run
+
+
+def test_train_pretrained_bad_input(tmp_path, capsys):
+    torch.save({"model": {}}, tmp_path / "ck.pth")
+    cases = [(["--pretrained", "--resume", tmp_path / "ck.pth"], "give one"),
+             (["--pretrained"], "ravlt_nano has no released weights"),
+             (["--pretrained", tmp_path / "none.pth"], "no such file")]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            run_train(tmp_path / "out", *FAKE, *argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith("train.py: error: --pretrained") and expected in err, err
+
+
 def make_image_folder(root, classes=("cat", "dog", "fox"), per_split=(("train", 4), ("val", 2))):
     g = torch.Generator().manual_seed(0)
     for split, n in per_split:
@@ -975,6 +1136,26 @@ def test_train_with_every_part_off(tmp_path):
 def test_train_each_part_off_alone(tmp_path, flag):
     row = run_train(tmp_path, *FAKE, "--epochs", 1, *flag)
     assert math.isfinite(row["train_loss"])
+
+
+@slow
+def test_train_torchrun_pretrained_from_hub_cache(tmp_path):
+    # the real name: RAVLT_T.pth planted in TORCH_HOME's hub cache; process 0 "downloads" (finds it)
+    # while process 1 waits, then both read it; no network is needed for a cached file
+    src = randomize_(ravlt.create_model("ravlt_t"))
+    os.makedirs(tmp_path / "home" / "hub" / "checkpoints")
+    release_style_checkpoint(tmp_path / "home" / "hub" / "checkpoints" / "RAVLT_T.pth", src.state_dict(),
+                             ravlt.create_model("ravlt_t").state_dict())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           *TINY, *FAKE, "--model", "ravlt_t", "--epochs", "1", "--pretrained",
+           "--output-dir", str(tmp_path / "out")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_HOME=str(tmp_path / "home"))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"weights from {tmp_path / 'home' / 'hub' / 'checkpoints' / 'RAVLT_T.pth'}" in proc.stdout
+    tuned = load_ckpt(tmp_path / "out" / "checkpoint.pth")["model"]
+    for k, v in src.named_parameters():  # one warm-up epoch (lr ≤ 4e-6) from the file's `model`
+        assert (tuned[k] - v).abs().max() < 1e-3, k
 
 
 def bad_input_cases(tmp):

@@ -4,6 +4,7 @@ Train or evaluate RAVLT on CIFAR, ImageNet or any ImageNet-layout folder, in one
     python train.py --model ravlt_t                                   # CIFAR-10, one process
     torchrun --nproc_per_node 8 train.py --model ravlt_t --dataset imagenet --data-path DIR
     python train.py --dataset imagenet --data-path DIR --eval-only --resume RAVLT_T.pth
+    python train.py --model ravlt_t --pretrained --dataset cifar100 --input-size 224 --lr 4e-4 --epochs 30
 
 The defaults are the release's ImageNet recipe (DeiT's, as RAVLT used it): AdamW at 5e-4 per 512
 images of global batch, weight decay 0.05 (none on 1-D parameters), 5 warm-up epochs from 1e-6 then
@@ -156,6 +157,10 @@ def get_args_parser():
         help="folder for log.jsonl and checkpoint.pth (default: output/MODEL_DATASET)")
     add("--resume", metavar="PATH", help="checkpoint.pth to continue from; with --eval-only, any "
                                          "checkpoint ravlt.load_checkpoint reads (default: none)")
+    add("--pretrained", nargs="?", const=True, metavar="PATH",
+        help="start from the release's ImageNet-1k weights for --model (no PATH; downloaded once into "
+             "torch's hub cache) or from PATH (any checkpoint ravlt.load_checkpoint reads), with a new "
+             "classifier when the number of classes differs (default: random init)")
     add("--eval-only", action="store_true",
         help="evaluate --resume's weights (and EMA weights, if any) on the val set, then stop (default: off)")
     return p
@@ -449,6 +454,13 @@ def run(args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.eval_only and not args.resume:
         fail("--eval-only needs --resume PATH, the checkpoint to evaluate")
+    if args.pretrained is not None and args.resume:
+        fail("--pretrained starts a new run from given weights, --resume continues a run: give one")
+    if args.pretrained is True and args.model not in ravlt.PRETRAINED:
+        fail(f"--pretrained: {args.model} has no released weights ({', '.join(ravlt.PRETRAINED)} have); "
+             "give a PATH")
+    if isinstance(args.pretrained, str) and not os.path.isfile(args.pretrained):
+        fail(f"--pretrained {args.pretrained}: no such file")
     ckpt = read_checkpoint(args.resume) if args.resume else None  # a bad file fails before any work
     if ckpt is not None and not args.eval_only and (lost := [k for k in TRAIN_STATE if k not in ckpt]):
         fail(f"--resume {args.resume} is not a train.py checkpoint (no {', '.join(lost)}); "
@@ -462,6 +474,19 @@ def run(args):
     # with --compile the whole model is compiled, the attention core included
     model = ravlt.create_model(args.model, num_classes=num_classes,
                                compile_attn=False if args.compile else None, **overrides).to(device)
+    if args.pretrained is not None:  # fine-tuning: a new head when the class count differs
+        path = args.pretrained
+        try:
+            if path is True:  # process 0 downloads (when not cached), the others then read its file
+                if rank > 0:
+                    dist.barrier()
+                path = ravlt.download_checkpoint(args.model)
+                if rank == 0 and world > 1:
+                    dist.barrier()
+            ravlt.load_checkpoint(model, path)
+        except (ValueError, RuntimeError) as e:
+            fail(f"--pretrained: {str(e).splitlines()[0]}")
+        log(f"weights from {path}")
     train_tf, sets["val"].transform = build_transforms(args, model.pretrained_cfg)
     # process r evaluates images r, r + world, ...; the sums are reduced, so every image counts once
     val_loader = DataLoader(Subset(sets["val"], range(rank, len(sets["val"]), world)), args.batch_size,
