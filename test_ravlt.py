@@ -1354,27 +1354,51 @@ def test_train_eval_transform_uses_crop_pct():
 TUTORIAL = Path(__file__).resolve().parent / "tutorial.ipynb"
 
 
+def _png_size(b64):
+    import base64
+
+    head = base64.b64decode(b64)[:24]  # PNG signature, then the IHDR chunk: width, height
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
 @slow
 def test_tutorial_notebook_runs_top_to_bottom():
-    """Execute tutorial.ipynb in a fresh kernel from the repo root, in memory (the file is not
-    rewritten). Any error, including a failed assertion against ravlt.py, fails the test."""
+    """Execute tutorial.ipynb in a fresh kernel of this interpreter, from the repo root, in memory
+    (the file is not rewritten). Any error, including a failed assertion against ravlt.py, fails it."""
     # imported here so that a missing notebook dependency fails this test, not the whole file
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(TUTORIAL, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
+    markdown = [c.source for c in nb.cells if c.cell_type == "markdown"]
     # committed with its outputs, from one clean top-to-bottom run
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
-    assert sum("$" in c.source for c in nb.cells if c.cell_type == "markdown") >= 10
+    assert sum("$" in m for m in markdown) >= 10
+    # at least 5 exercises, each followed by its solution
+    exercises = [i for i, m in enumerate(markdown) if re.search(r"\*\*Exercise \d+", m)]
+    solutions = [i for i, m in enumerate(markdown) if re.search(r"<summary><b>Solution \d+", m)]
+    assert len(exercises) >= 5 and len(solutions) == len(exercises)
+    assert all(e <= s for e, s in zip(exercises, solutions))
+    # committed figures readable on a projector: at least 800 px wide, none huge
+    committed = [o["data"]["image/png"] for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(committed) >= 6
+    for png in committed:
+        width, height = _png_size(png)
+        assert 800 <= width <= 2400 and height <= 1600, (width, height)
 
+    # "python3" may resolve to a kernel spec of another interpreter: the first cell (added in memory)
+    # checks that the kernel runs in this environment, with this torch
+    check = f"import sys, torch; assert sys.prefix == {sys.prefix!r}, sys.prefix; assert torch.__version__ == {torch.__version__!r}"
+    nb.cells.insert(0, nbformat.v4.new_code_cell(check))
     client = NotebookClient(nb, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(TUTORIAL.parent)}})
     start = time.perf_counter()
     client.execute()  # raises CellExecutionError at the first failing cell
     assert time.perf_counter() - start < 300, "the tutorial must run in under 5 minutes"
     figures = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(figures) >= 3
+    assert len(figures) == len(committed)
 
 
 # ---- speed: the fast forms stay exact, bf16 stays close, the benchmark runs ----
