@@ -238,24 +238,32 @@ def test_parameter_count_equals_release(name):
 
 def analytic_macs(model, size):
     """MACs from the architecture alone, without torch's flop counter: every convolution's
-    Cout·(Cin/groups)·k·k per output pixel (hooks read the real output sizes), plus per head
+    Cout·(Cin/groups)·k·k per output pixel (hooks read the real output sizes; qkvo and the FFN's
+    depthwise conv are applied functionally, so they are counted from their modules), plus per head
     2·N·d + 2·N·d² for RALA (α, z, KV buffer, read-out) and 2·N²·d for softmax (Q Kᵀ, A V)."""
     total, hooks = [0], []
 
     def conv(m, inputs, out):
         total[0] += out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
 
-    def attention(m, inputs, out):
+    def attention(m, inputs, out):  # the core, and the qkvo conv (applied as four convs)
         B, C, H, W = inputs[0].shape
         h, N = m.num_heads, H * W
         d = C // h
         total[0] += B * h * (2 * N * d + 2 * N * d * d if m.kind == "rala" else 2 * N * N * d)
+        total[0] += B * N * 4 * C * C
+
+    def ffn(m, inputs, out):  # the depthwise conv (applied with its identity folded in)
+        B, _, H, W = inputs[0].shape
+        total[0] += B * m.dwconv.out_channels * H * W * 9
 
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             hooks.append(m.register_forward_hook(conv))
         elif isinstance(m, ravlt.Attention):
             hooks.append(m.register_forward_hook(attention))
+        elif isinstance(m, ravlt.FFN):
+            hooks.append(m.register_forward_hook(ffn))
     with torch.no_grad():
         model.eval()(torch.zeros(1, 3, size, size))
     for hook in hooks:
@@ -1522,7 +1530,9 @@ def test_bench_quick_runs_and_prints_every_section(capsys):
     rows = [line.split() for line in out.splitlines()]
     model_row = next(r for r in rows if r[:2] == ["ravlt_nano", "ravlt.py"])
     assert float(model_row[3]) > 0 and float(model_row[6]) > 0  # inference and training img/s
-    assert [r[1:3] for r in rows if r[:1] == ["ravlt_nano"]][1:] == [["as", "is"], ["no", "channels-last"], ["real-valued", "RoPE"]]
+    ablation = [" ".join(r[1:4]) for r in rows if r[:1] == ["ravlt_nano"]][1:]
+    assert [a.split(" 0.")[0] for a in ablation] == ["as is", "no channels-last", "real-valued RoPE",
+                                                    "qkvo chunked", "dwconv unfolded"]
     layer_rows = [r for r in rows if r[:2] in (["8", "64"], ["16", "256"])]
     assert len(layer_rows) == 2  # RALA and softmax at two sizes
     assert any(r[:1] == ["96x128"] for r in rows)  # the high-resolution table
@@ -1535,8 +1545,13 @@ def test_bench_ablation_forms_equal_the_model():
     x = torch.randn(2, 2, d, H * W)
     rot = ravlt.RoPE2d(d)(H, W)
     torch.testing.assert_close(bench.rope_real(x, rot), ravlt.rope(x, rot))
-    model = ravlt.create_model("ravlt_nano").eval()
+    model = randomize_(ravlt.create_model("ravlt_nano")).eval()
     x = torch.randn(1, 3, 40, 48)
     with torch.no_grad():
         ref = model(x)
+        for swaps in ({(ravlt.Attention, "heads"): bench.heads_one_conv},
+                      {(ravlt.FFN, "forward"): bench.ffn_residual_sum}, {(ravlt, "rope"): bench.rope_real}):
+            plain = bench.Without(model, swaps)(x)
+            torch.testing.assert_close(plain, ref, rtol=1e-5, atol=1e-5)
+        assert ravlt.FFN.forward is not bench.ffn_residual_sum  # put back
         torch.testing.assert_close(bench.without_channels_last(model)(x), ref, rtol=1e-5, atol=1e-5)

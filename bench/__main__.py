@@ -122,6 +122,39 @@ def without_channels_last(model):
     return model.to(memory_format=torch.contiguous_format)
 
 
+def heads_one_conv(self, x):
+    """Attention.heads in the textbook form: one qkvo conv, its output chunked (strided views)."""
+    B, C, H, W = x.shape
+    q, k, v, o = self.qkvo(x).chunk(4, dim=1)
+    q, k, v = (t.reshape(B, self.num_heads, C // self.num_heads, H * W) for t in (q, k, v))
+    return q, k, v, o
+
+
+def ffn_residual_sum(self, x):
+    """FFN.forward in the textbook form: x + dwconv(x), two passes."""
+    x = F.gelu(self.fc1(x))
+    return self.fc2(x + self.dwconv(x))
+
+
+class Without(nn.Module):
+    """The same model (same weights) with some of ravlt's functions or methods swapped for others
+    while it runs: {(owner, name): replacement}."""
+
+    def __init__(self, model, swaps):
+        super().__init__()
+        self.model, self.swaps = model, swaps
+
+    def forward(self, x):
+        saved = {key: getattr(*key) for key in self.swaps}
+        for (owner, name), new in self.swaps.items():
+            setattr(owner, name, new)
+        try:
+            return self.model(x)
+        finally:
+            for (owner, name), old in saved.items():
+                setattr(owner, name, old)
+
+
 def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
           layer_sides=(14, 28, 56, 112), highres=((512, 512), (1024, 1024), (800, 1333)), repeats=3,
           device="cpu", compile=False, amp=False, release_file=None,
@@ -189,25 +222,16 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
         print(f"\nspeed tricks of ravlt.py, {variants[0]} ({size}²): each row turns one off\n{header}")
         _, base = twin(variants[0])
         macs = ravlt.count_macs(base, size) / 1e9
-        plain_cl = twin(variants[0])[1]
-        plain_cl.load_state_dict(base.state_dict())
-        plain_rope = twin(variants[0])[1]
-        plain_rope.load_state_dict(base.state_dict())
-
-        class RealRoPE(nn.Module):  # the same model, RoPE computed in real arithmetic
-            def __init__(self, model):
-                super().__init__()
-                self.model = model
-
-            def forward(self, x):
-                saved, ravlt.rope = ravlt.rope, rope_real
-                try:
-                    return self.model(x)
-                finally:
-                    ravlt.rope = saved
-
-        time_models(variants[0], {"as is": base, "no channels-last": without_channels_last(plain_cl),
-                                  "real-valued RoPE": RealRoPE(plain_rope)}, macs)
+        copies = [twin(variants[0])[1] for _ in range(4)]
+        for copy in copies:
+            copy.load_state_dict(base.state_dict())
+        time_models(variants[0], {
+            "as is": base,
+            "no channels-last": without_channels_last(copies[0]),
+            "real-valued RoPE": Without(copies[1], {(ravlt, "rope"): rope_real}),
+            "qkvo chunked": Without(copies[2], {(ravlt.Attention, "heads"): heads_one_conv}),
+            "dwconv unfolded": Without(copies[3], {(ravlt.FFN, "forward"): ffn_residual_sum}),
+        }, macs)
 
     if "layer" in sections:
         print("\nattention layer alone (C=64, 1 head, batch 1, inference): ms | extra peak MB")
