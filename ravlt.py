@@ -511,15 +511,10 @@ def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
         return {k: v.shape for k, v in state.items() if not k.startswith((*top, "extra_norms."))}
 
     arch = getattr(model, "pretrained_cfg", {}).get("architecture", "this model")
-    if arch in VARIANTS and body(sd) != body(own):  # another variant? its name as recorded, or by shapes
-        args = ckpt.get("args")
-        args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
-        config = ckpt.get("model_config") if isinstance(ckpt.get("model_config"), dict) else {}
-        held = str(config.get("name") or args.get("model") or "").lower()  # ours, or the release's RAVLT_T
-        if held not in VARIANTS:
-            with torch.device("meta"):  # shapes only, no memory
-                held = next((v for v in VARIANTS if body(create_model(v).state_dict()) == body(sd)), None)
-        if held and held != arch:
+    if arch in VARIANTS and body(sd) != body(own):  # another variant's weights? name it by their shapes
+        with torch.device("meta"):  # shapes only, no memory
+            held = next((v for v in VARIANTS if body(create_model(v).state_dict()) == body(sd)), None)
+        if held:
             raise ValueError(f"{name} holds {held} weights, the model is {arch}")
     if model.features_only:  # no head; the out-norms (out_norm=True) from the file when it has them
         norms = {k: v for k, v in own.items() if k.startswith("extra_norms.")}
@@ -655,16 +650,6 @@ def count_macs(model, size=224, batch=1):
     return counter.get_total_flops() // 2
 
 
-def variant_table(size=224):
-    """Rows (name, params, GMACs at size×size, attention kind per stage) for every variant."""
-    rows = []
-    for name in VARIANTS:
-        model = create_model(name, compile_attn=False)
-        params = sum(p.numel() for p in model.parameters())
-        rows.append((name, params, count_macs(model, size) / 1e9, "/".join(model.cfg.attn)))
-    return rows
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Print the RAVLT variant table (parameters, GMACs).")
     parser.add_argument("--input-size", type=int, default=224, help="image side in pixels (default 224)")
@@ -672,8 +657,10 @@ def main(argv=None):
     if args.input_size < 32:
         parser.error(f"--input-size must be at least 32 pixels, got {args.input_size}")
     print(f"{'model':<11} {'params':>12} {'GMACs@' + str(args.input_size):>10}  attention (stages 1-4)")
-    for name, params, gmacs, kinds in variant_table(args.input_size):
-        print(f"{name:<11} {params:>12,} {gmacs:>10.3f}  {kinds}")
+    for name in VARIANTS:
+        model = create_model(name, compile_attn=False)
+        params, gmacs = sum(p.numel() for p in model.parameters()), count_macs(model, args.input_size) / 1e9
+        print(f"{name:<11} {params:>12,} {gmacs:>10.3f}  {'/'.join(model.cfg.attn)}")
 
 
 if __name__ == "__main__":
