@@ -10,8 +10,8 @@ rank: the implied N×N attention matrix φ(Q) φ(K)ᵀ has rank ≤ d, and so do
 RALA (Rank-Augmented Linear Attention) restores rank in two places:
   1. the KV buffer: keys are re-weighted by α, a softmax over tokens driven by the mean query,
      so each image builds a differently weighted buffer ("query-aware key weights");
-  2. the output features: the attention output is multiplied element-wise by a gate o computed
-     from the input, which is no longer confined to a rank-d subspace.
+  2. the output features: the attention output Y is multiplied element-wise by a gate o computed
+     from the input, and rank(o ⊙ Y) is no longer bounded by the rank of the attention matrix.
 RAVLT is a four-stage convolutional-transformer hybrid built on RALA (RALA in stages 1-2, where N
 is large; softmax attention in stages 3-4, where N is small), in four sizes T/S/B/L.
 
@@ -190,9 +190,9 @@ def rala_matrix(q, k, rot, eps=1e-6):
 
 
 def softmax_matrix(q, k, rot):
-    """The explicit softmax attention matrix (B, h, N, N), read off like `rala_matrix`."""
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand(*q.shape[:2], -1, -1)
-    return softmax_attention(q, k, eye, rot).transpose(-2, -1)  # (B, h, N, N)
+    """The explicit softmax attention matrix (B, h, N, N), for comparison with `rala_matrix`."""
+    q, k = rope(q, rot), rope(k, rot)  # (B, h, d, N)
+    return torch.softmax(q.transpose(-2, -1) @ k * q.shape[-2] ** -0.5, dim=-1)  # (B, h, N, N)
 
 
 _CORES = {"rala": rala, "softmax": softmax_attention}
@@ -239,7 +239,8 @@ class Attention(nn.Module):
         # the map's memory stays channels-last (free for one head, else one copy)
         y = y.permute(0, 3, 1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)
         y = y + self.lepe(v.reshape(B, C, H, W))  # (B, C, H, W)
-        # Output-feature rank augmentation: the element-wise gate o lifts Y out of its rank-d space
+        # Output-feature rank augmentation: rank(o ⊙ Y) ≤ rank(o)·rank(Y), so the element-wise gate
+        # frees the output from the rank of the (low-rank) attention matrix that produced Y
         return self.proj(o * y)
 
     @torch.no_grad()

@@ -26,6 +26,7 @@ import tempfile
 import time
 import warnings
 
+from PIL import Image, UnidentifiedImageError
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -34,7 +35,6 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets
-from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 

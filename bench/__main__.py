@@ -78,7 +78,8 @@ def peak_mb(fn, device):
 
 def measure(fns, device, repeats):
     """(best seconds per call, extra peak MB) of each fn. A warm-up call each (which also compiles)
-    sets how many calls one timing spans (≥ 50 ms); the fns' timings are interleaved."""
+    sets how many calls one timing spans (≥ 50 ms); the fns' timings are interleaved, in an order
+    that rotates from round to round."""
     def timed(fn, calls):
         torch.cuda.synchronize() if device.type == "cuda" else None
         start = time.perf_counter()
@@ -88,10 +89,10 @@ def measure(fns, device, repeats):
         return (time.perf_counter() - start) / calls
 
     calls = [max(1, math.ceil(0.05 / timed(fn, 1))) for fn in fns]
-    best = [math.inf] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            best[i] = min(best[i], timed(fn, calls[i]))
+    best, n = [math.inf] * len(fns), len(fns)
+    for r in range(repeats):
+        for i in [(r + j) % n for j in range(n)]:  # each round starts one further: no fn always first
+            best[i] = min(best[i], timed(fns[i], calls[i]))
     return [(t, peak_mb(fn, device)) for t, fn in zip(best, fns)]
 
 
