@@ -8,9 +8,9 @@ Linear attention replaces softmax(Q Kᵀ) V by φ(Q) (φ(K)ᵀ V): the d×d "KV 
 once, so cost grows linearly with the number of tokens N instead of quadratically. The price is
 rank: the implied N×N attention matrix φ(Q) φ(K)ᵀ has rank ≤ d, and so do the output features.
 RALA (Rank-Augmented Linear Attention) restores rank in two places:
-  1. the KV buffer: keys are re-weighted by α, a softmax over tokens driven by the mean query,
+  (a) the KV buffer: keys are re-weighted by α, a softmax over tokens driven by the mean query,
      so each image builds a differently weighted buffer ("query-aware key weights");
-  2. the output features: the attention output Y is multiplied element-wise by a gate o computed
+  (b) the output features: the attention output Y is multiplied element-wise by a gate o computed
      from the input, and rank(o ⊙ Y) is no longer bounded by the rank of the attention matrix.
 RAVLT is a four-stage convolutional-transformer hybrid built on RALA (RALA in stages 1-2, where N
 is large; softmax attention in stages 3-4, where N is small), in four sizes T/S/B/L.
@@ -206,7 +206,7 @@ def _compiled(kind):
 
 
 class Attention(nn.Module):
-    """The frame both attention kinds share: proj(o ⊙ (Y + LePE(v))), with q, k, v, o from one conv."""
+    """The frame both attention kinds share: proj(o ⊙ (Y + LePE(v))), q, k, v, o from one conv's weights."""
 
     def __init__(self, dim, num_heads, kind="rala", compile_attn=None):
         super().__init__()
@@ -224,6 +224,7 @@ class Attention(nn.Module):
         B, C, H, W = x.shape
         # self.qkvo(x).chunk(4, dim=1), computed as four convs with the four slices of its weights:
         # each group then comes out dense, not strided, which the element-wise ops read faster
+        # (python -m bench --sections ablation)
         weights, biases = self.qkvo.weight.chunk(4), self.qkvo.bias.chunk(4)
         q, k, v, o = (F.conv2d(x, w, b) for w, b in zip(weights, biases))  # 4 × (B, C, H, W)
         q, k, v = (t.reshape(B, self.num_heads, C // self.num_heads, H * W) for t in (q, k, v))
@@ -264,10 +265,10 @@ class FFN(nn.Module):
         self.fc2 = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x):
-        x = F.gelu(self.fc1(x))  # (B, F, H, W)
+        x = F.gelu(self.fc1(x))  # (B, hidden, H, W)
         # x + dwconv(x) as one depthwise conv whose kernels have 1 added at the centre: one pass
-        # over the block's widest tensor instead of two
-        identity = F.pad(torch.ones_like(self.dwconv.weight[..., :1, :1]), (1, 1, 1, 1))  # (F, 1, 3, 3)
+        # over the block's widest tensor instead of two (python -m bench --sections ablation)
+        identity = F.pad(torch.ones_like(self.dwconv.weight[..., :1, :1]), (1, 1, 1, 1))  # (hidden, 1, 3, 3)
         x = F.conv2d(x, self.dwconv.weight + identity, self.dwconv.bias, padding=1, groups=x.shape[1])
         return self.fc2(x)  # (B, C, H, W)
 
@@ -314,7 +315,7 @@ class Stage(nn.Module):
         self.blocks = nn.ModuleList(
             Block(dim, num_heads, kind, mlp_ratio, p, layer_scale, compile_attn) for p in drop_paths
         )
-        self.downsample = Downsample(dim, out_dim) if out_dim else None
+        self.downsample = Downsample(dim, out_dim) if out_dim else None  # RAVLT.forward_stages calls it
 
     def forward(self, x):
         rot = self.RoPE(*x.shape[-2:])  # (N, d/2)
@@ -351,7 +352,7 @@ class RAVLT(nn.Module):
         self.cfg, self.features_only, self.norm_eval = cfg, features_only, norm_eval
         self.num_classes, self.in_chans = cfg.num_classes, cfg.in_chans
         self.feature_channels = tuple(cfg.dims)
-        self.patch_embed = nn.Module()
+        self.patch_embed = nn.Module()  # a namespace, so that the keys read patch_embed.proj.*
         self.patch_embed.proj = stem(cfg.in_chans, cfg.dims[0])
         n = sum(cfg.depths)
         rates = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear from 0
@@ -412,9 +413,9 @@ class RAVLT(nn.Module):
         return self.forward_stages(x)[-1]  # (B, C4, H/32, W/32)
 
     def forward_head(self, x, pre_logits=False):
-        x = self.act(self.norm(self.proj(x)))  # (B, 1024, H/32, W/32)
-        x = x.mean((2, 3), keepdim=True)  # (B, 1024, 1, 1)
-        return x.flatten(1) if pre_logits else self.head(x).flatten(1)  # (B, 1024) or (B, classes)
+        x = self.act(self.norm(self.proj(x)))  # (B, head_hidden, H/32, W/32)
+        x = x.mean((2, 3), keepdim=True)  # (B, head_hidden, 1, 1)
+        return x.flatten(1) if pre_logits else self.head(x).flatten(1)  # (B, head_hidden) or (B, classes)
 
     def forward(self, x):
         if self.features_only:  # [(B, C_i, H/2^(i+2), W/2^(i+2)) for i in 0..3]
@@ -515,7 +516,7 @@ def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
     if arch in VARIANTS and body(sd) != body(own):  # another variant's weights? name it by their shapes
         with torch.device("meta"):  # shapes only, no memory
             held = next((v for v in VARIANTS if body(create_model(v).state_dict()) == body(sd)), None)
-        if held:
+        if held and held != arch:
             raise ValueError(f"{name} holds {held} weights, the model is {arch}")
     if model.features_only:  # no head; the out-norms (out_norm=True) from the file when it has them
         norms = {k: v for k, v in own.items() if k.startswith("extra_norms.")}
@@ -580,7 +581,7 @@ def download_checkpoint(name):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             torch.hub.download_url_to_file(url, part, progress=True)
-            if not zipfile.is_zipfile(part):  # torch keeps a body cut short; a .pth zip ends whole
+            if not zipfile.is_zipfile(part):  # a cut-short download goes unnoticed; a whole .pth is a zip
                 os.remove(part)
                 raise OSError("incomplete file")
             os.replace(part, path)  # only a whole file ever reaches `path`
@@ -596,8 +597,8 @@ def create_model(name, pretrained=None, features_only=False, compile_attn=None, 
     overrides: any RAVLTConfig field (num_classes, in_chans, drop_path_rate, attn, ...).
     compile_attn: None compiles the attention on CUDA only, True always (CPU via inductor), False never.
     pretrained: a checkpoint's path (see load_checkpoint), or True: the release's ImageNet-1k file
-      (download_checkpoint), its `model` weights, which the release itself fine-tunes from (its
-      main.py --finetune); its paper's accuracy is the best epoch of `model` and `model_ema` alike.
+      (download_checkpoint), its `model` weights (last epoch), which the release fine-tunes from.
+      The file's classifier is replaced only when num_classes is given and differs.
     features_only: forward returns the four stage maps (a backbone); norm_eval: BatchNorm frozen;
     out_norm (with features_only): a LayerNorm on each map, as the release's COCO/ADE20K backbones.
     """
@@ -621,7 +622,7 @@ def create_model(name, pretrained=None, features_only=False, compile_attn=None, 
         pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_MEAN,
         std=IMAGENET_STD, first_conv="patch_embed.proj.0", classifier="head")
     if path:
-        load_checkpoint(model, path)
+        load_checkpoint(model, path, new_head="num_classes" in overrides)
     return model
 
 
@@ -655,8 +656,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Print the RAVLT variant table (parameters, GMACs).")
     parser.add_argument("--input-size", type=int, default=224, help="image side in pixels (default 224)")
     args = parser.parse_args(argv)
-    if args.input_size < 32:
-        parser.error(f"--input-size must be at least 32 pixels, got {args.input_size}")
+    if args.input_size < 1:
+        parser.error(f"--input-size must be a positive number of pixels, got {args.input_size}")
     print(f"{'model':<11} {'params':>12} {'GMACs@' + str(args.input_size):>10}  attention (stages 1-4)")
     for name in VARIANTS:
         model = create_model(name, compile_attn=False)

@@ -6,7 +6,7 @@ Train or evaluate RAVLT on CIFAR, ImageNet or any ImageNet-layout folder, in one
     python train.py --dataset imagenet --data-path DIR --eval-only --resume RAVLT_T.pth
     python train.py --model ravlt_t --pretrained --dataset cifar100 --input-size 224 --lr 4e-4 --epochs 30
 
-The defaults are the release's ImageNet recipe (DeiT's, as RAVLT used it): AdamW at 5e-4 per 512
+With --dataset imagenet (or fake) the defaults are the release's ImageNet recipe (DeiT's): AdamW at 5e-4 per 512
 images of global batch, weight decay 0.05 (none on 1-D parameters), 5 warm-up epochs from 1e-6 then
 cosine to 1e-5, label smoothing 0.1, MixUp 0.8 / CutMix 1.0, RandAugment, random erasing 0.25,
 repeated augmentation ×3, an EMA of the weights, SyncBatchNorm, mixed precision, 300 epochs.

@@ -3,7 +3,7 @@
     python -m bench                              # RAVLT-T and -S, the layer alone, high resolution
     python -m bench --release-file RALA.py       # add the release's model (needs timm, einops, fvcore)
     python -m bench --sections ablation          # each speed trick of ravlt.py, on and off
-    python -m bench --quick                      # every code path once, in seconds (a test runs it)
+    python -m bench --quick                      # tiny sizes, in seconds (a test runs all sections)
 
 Method (see bench/README.md): every timing is the best of --repeats, each spanning ≥ 50 ms of
 calls; the models of one table are timed interleaved, in one process, so that a change of load
@@ -77,8 +77,8 @@ def peak_mb(fn, device):
 
 
 def measure(fns, device, repeats):
-    """(best seconds per call, extra peak MB) of each fn. A warm-up call each (which also compiles)
-    sets how many calls one timing spans (≥ 50 ms); the fns' timings are interleaved, in an order
+    """(best seconds per call, extra peak MB) of each fn. After a warm-up call each (which also
+    compiles), one timed call sets how many calls one timing spans (≥ 50 ms); the fns' timings are interleaved, in an order
     that rotates from round to round."""
     def timed(fn, calls):
         torch.cuda.synchronize() if device.type == "cuda" else None
@@ -88,6 +88,8 @@ def measure(fns, device, repeats):
         torch.cuda.synchronize() if device.type == "cuda" else None
         return (time.perf_counter() - start) / calls
 
+    for fn in fns:
+        fn()  # warm-up (compiles, allocates); the next call sets how many calls one timing spans
     calls = [max(1, math.ceil(0.05 / timed(fn, 1))) for fn in fns]
     best, n = [math.inf] * len(fns), len(fns)
     for r in range(repeats):
@@ -181,7 +183,7 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
 
     print(f"{machine(device)} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
           f"{'bf16 autocast' if amp else 'fp32'} | best of {repeats} | MB: extra peak memory | "
-          f"x: speed-up over each table's first row")
+          f"x: speed-up over the first row of each model")
     x = torch.randn(batch, 3, size, size, device=device)
     xt, target = x[:train_batch], torch.randint(0, 1000, (train_batch,), device=device)
 
@@ -273,7 +275,7 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--input-size", type=int, default=224, help="image side in pixels (default 224)")
-    parser.add_argument("--quick", action="store_true", help="every code path once at tiny sizes, in seconds")
+    parser.add_argument("--quick", action="store_true", help="ravlt_nano at tiny sizes, one repeat: a smoke test in seconds")
     parser.add_argument("--variants", nargs="+", default=["ravlt_t", "ravlt_s"], choices=list(ravlt.VARIANTS))
     parser.add_argument("--batch", type=int, default=16, help="inference batch (training uses half)")
     parser.add_argument("--repeats", type=int, default=3, help="timings per measurement (best kept)")
