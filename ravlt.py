@@ -420,8 +420,8 @@ class RAVLT(nn.Module):
     def forward(self, x):
         if self.features_only:  # [(B, C_i, H/2^(i+2), W/2^(i+2)) for i in 0..3]
             features = self.forward_stages(x)
-            norms = getattr(self, "extra_norms", [nn.Identity()] * len(features))
-            return [norm(f) for norm, f in zip(norms, features)]
+            norms = getattr(self, "extra_norms", None)  # out_norm=True: the release's detection LNs
+            return features if norms is None else [norm(f) for norm, f in zip(norms, features)]
         return self.forward_head(self.forward_features(x))
 
     @torch.no_grad()
