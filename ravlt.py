@@ -18,14 +18,15 @@ is large; softmax attention in stages 3-4, where N is small), in four sizes T/S/
 Shapes: B batch, C channels, H×W feature map, N = H·W tokens (row-major), h heads, d = C/h head
 dim. Maps are (B, C, H, W) between modules; inside attention each head's tensors are (B, h, d, N).
 
-State-dict keys are the release's, so its checkpoints load as they are (`load_checkpoint`).
-`python ravlt.py` prints the variant table; the benchmark lives in bench/ (`python -m bench`).
+State-dict keys are the release's: its checkpoints load as they are. `python ravlt.py` prints the
+variant table; the benchmark lives in bench/.
 """
 import argparse
 import functools
 import math
 import os
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -87,27 +88,25 @@ class RoPE2d(nn.Module):
     read as x_2i + i·x_2i+1; multiplying it by e^{iθ} rotates the pair by the angle θ. Pairs in
     the first half of the head turn with the token's row, pairs in the second half with its column.
 
-    `angle` holds d/4 frequencies ω_m = 10000^(-m/(d/4-1)), each repeated twice: [ω0, ω0, ω1, ...]
-    (the release's buffer). forward(H, W) gives the rotations e^{iθ}, (N, d/2) complex64, with
-    θ = r·ω for the row pairs and c·ω for the column pairs of the token at row r, column c.
+    d/4 frequencies ω_m = 10000^(-m/(d/4-1)); forward(H, W) gives the rotations e^{iθ}, (N, d/2)
+    complex64, with θ = r·ω for the row pairs and c·ω for the column pairs of the token (r, c).
     """
 
     def __init__(self, head_dim):
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
-        # (d/2,): each ω twice, the release's buffer, kept for its state-dict key
-        self.register_buffer("angle", self.frequencies(head_dim).repeat_interleave(2))
+        self.head_dim = head_dim  # the release's buffer, each ω twice, kept for its state-dict key:
+        self.register_buffer("angle", self.frequencies().repeat_interleave(2))  # (d/2,)
 
-    @staticmethod
-    def frequencies(head_dim, device=None):
+    def frequencies(self, device=None):
         # 1 / 10000^x rather than 10000^-x: the same bits as the release's buffer
-        return 1.0 / 10000.0 ** torch.linspace(0, 1, head_dim // 4, device=device)  # (d/4,)
+        return 1.0 / 10000.0 ** torch.linspace(0, 1, self.head_dim // 4, device=device)  # (d/4,)
 
     def forward(self, H, W):
-        # ω recomputed in float32 rather than read from `angle`: in a bf16 model the buffer is bf16,
-        # and far from the origin its rounding would shift the angles by tenths of a radian
-        omega = self.frequencies(2 * self.angle.shape[0], self.angle.device)  # (d/4,)
+        # ω recomputed in float32, not read from `angle`: in a bf16 model the buffer is bf16, and
+        # far from the origin its rounding would shift the angles by tenths of a radian
+        omega = self.frequencies(self.angle.device)  # (d/4,)
         rows = torch.arange(H, device=omega.device, dtype=torch.float32)[:, None, None]  # (H, 1, 1)
         cols = torch.arange(W, device=omega.device, dtype=torch.float32)[None, :, None]  # (1, W, 1)
         theta = torch.cat([(rows * omega).expand(H, W, -1), (cols * omega).expand(H, W, -1)], -1)
@@ -222,9 +221,8 @@ class Attention(nn.Module):
     def heads(self, x):
         """q, k, v as (B, h, d, N) per head and the gate o as (B, C, H, W), from the qkvo conv."""
         B, C, H, W = x.shape
-        # self.qkvo(x).chunk(4, dim=1), computed as four convs with the four slices of its weights:
-        # each group then comes out dense, not strided, which the element-wise ops read faster
-        # (python -m bench --sections ablation)
+        # self.qkvo(x).chunk(4, dim=1) as four convs on the slices of its weights: each group comes
+        # out dense, not strided, which the element-wise ops read faster (bench: --sections ablation)
         weights, biases = self.qkvo.weight.chunk(4), self.qkvo.bias.chunk(4)
         q, k, v, o = (F.conv2d(x, w, b) for w, b in zip(weights, biases))  # 4 × (B, C, H, W)
         q, k, v = (t.reshape(B, self.num_heads, C // self.num_heads, H * W) for t in (q, k, v))
@@ -293,16 +291,10 @@ class Block(nn.Module):
         return x + self.drop_path(self.gamma_2 * self.ffn(self.norm2(x)))
 
 
-class Downsample(nn.Module):
+def downsample(dim, out_dim):
     """conv3×3 stride 2 + BatchNorm between stages: H, W -> ceil(H/2), ceil(W/2)."""
-
-    def __init__(self, dim, out_dim):
-        super().__init__()
-        self.reduction = nn.Conv2d(dim, out_dim, 3, stride=2, padding=1)
-        self.norm = nn.BatchNorm2d(out_dim)
-
-    def forward(self, x):
-        return self.norm(self.reduction(x))
+    return nn.Sequential(OrderedDict(reduction=nn.Conv2d(dim, out_dim, 3, stride=2, padding=1),
+                                     norm=nn.BatchNorm2d(out_dim)))  # names: the release's keys
 
 
 class Stage(nn.Module):
@@ -315,7 +307,7 @@ class Stage(nn.Module):
         self.blocks = nn.ModuleList(
             Block(dim, num_heads, kind, mlp_ratio, p, layer_scale, compile_attn) for p in drop_paths
         )
-        self.downsample = Downsample(dim, out_dim) if out_dim else None  # RAVLT.forward_stages calls it
+        self.downsample = downsample(dim, out_dim) if out_dim else None  # RAVLT.forward_stages calls it
 
     def forward(self, x):
         rot = self.RoPE(*x.shape[-2:])  # (N, d/2)
@@ -449,15 +441,13 @@ def read_checkpoint(path):
     """torch.load for checkpoints: a checkpoint is data, not code, so only tensors, containers and
     argparse.Namespace (the release's files hold one under `args`) may load (weights_only=True).
     A file that is not one raises ValueError saying why: a directory, empty, truncated, other data."""
-    try:
-        with open(path, "rb") as f:  # FileNotFoundError for a missing file
-            head = f.read(4)
-    except IsADirectoryError:
-        raise ValueError(f"checkpoint {path} is a directory, not a file") from None
-    if not head:
-        raise ValueError(f"checkpoint {path} is empty (0 bytes)")
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} is a directory, not a file")
+    with open(path, "rb") as f:  # FileNotFoundError for a missing file
+        head = f.read(4)
     if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip (before torch 1.6, a pickle)
-        raise ValueError(f"{path} is not a checkpoint: it begins with {head!r}, torch.save's with b'PK'")
+        raise ValueError(f"checkpoint {path} is empty (0 bytes)" if not head else
+                         f"{path} is not a checkpoint: it begins with {head!r}, torch.save's with b'PK'")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -466,15 +456,19 @@ def read_checkpoint(path):
             raise ValueError(f"checkpoint {path} is truncated: its saving or copying stopped early") from None
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         unsafe = [line.split(". ")[0] for line in lines if line.startswith("WeightsUnpickler error:")]
-        reason = unsafe[0] if unsafe else lines[0]  # weights_only's point is on one line of many
-        raise ValueError(f"cannot read checkpoint {path}: {reason}") from None
+        # weights_only's point is on one line of many
+        raise ValueError(f"cannot read checkpoint {path}: {(unsafe or lines)[0]}") from None
 
 
 def _state_dict(ckpt, name, use_ema):
-    """The model weights inside a release .pth, a training checkpoint of ours, or a plain state dict."""
+    """The model weights inside a release .pth, a training checkpoint of ours, a plain state dict,
+    or an mmdetection / mmsegmentation file (the release's COCO and ADE20K models), which keeps them
+    under `state_dict`, the backbone's prefixed `backbone.`: those are kept, the neck's and heads' not."""
     if not isinstance(ckpt, dict):
         raise ValueError(f"{name} holds a {type(ckpt).__name__}, expected a dict")
-    ckpt = _backbone_weights(ckpt)
+    mm = ckpt.get("state_dict")
+    if isinstance(mm, dict) and any(k.startswith("backbone.") for k in mm):
+        ckpt = {k.removeprefix("backbone."): v for k, v in mm.items() if k.startswith("backbone.")}
     if use_ema and "model_ema" not in ckpt:
         raise ValueError(f"{name} has no 'model_ema' entry")
     sd = ckpt.get("model_ema" if use_ema else "model", ckpt)
@@ -483,29 +477,16 @@ def _state_dict(ckpt, name, use_ema):
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}  # DDP, compile
 
 
-def _backbone_weights(ckpt):
-    """An mmdetection / mmsegmentation file (the release's COCO and ADE20K models) keeps its weights
-    under `state_dict`, the backbone's prefixed `backbone.`: keep those, drop the neck's and heads'."""
-    sd = ckpt.get("state_dict")
-    if not isinstance(sd, dict) or not any(k.startswith("backbone.") for k in sd):
-        return ckpt
-    return {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
-
-
 def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
-    """Load weights into `model` strictly; returns the model. `checkpoint`: a path, or a dict
-    already read with `read_checkpoint` (so that a large file is read once).
-
-    Accepts the release's RAVLT_{T,S,B,L}.pth (dict with `model`, `model_ema`, `optimizer`, ...,
-    `args`), this project's training checkpoints, plain state dicts, and the backbone of the
-    release's mmdetection / mmsegmentation files (features-only models). A features-only model
-    ignores the classification head; a model with another number of classes (or none) keeps its own
-    head, unless new_head=False, which refuses such a checkpoint (evaluation needs its head).
-    Weights that do not fit raise ValueError: another variant's are named as such.
-    """
-    is_dict = isinstance(checkpoint, dict)
-    name = "the checkpoint" if is_dict else f"checkpoint {checkpoint}"
-    ckpt = checkpoint if is_dict else read_checkpoint(checkpoint)
+    """Load weights into `model` strictly; returns the model. `checkpoint`: a path, or a dict read
+    with `read_checkpoint` (a large file is then read once). Accepts the release's RAVLT_{T,S,B,L}.pth
+    (`model`, `model_ema`, `optimizer`, ..., `args`), our training checkpoints, plain state dicts and
+    the backbone of the release's mmdetection / mmsegmentation files. A features-only model ignores
+    the classifier; a model with another number of classes (or none) keeps its own head, unless
+    new_head=False, which refuses such a file (evaluation needs its head). Weights that do not fit
+    raise ValueError; another variant's are named as such."""
+    name = "the checkpoint" if isinstance(checkpoint, dict) else f"checkpoint {checkpoint}"
+    ckpt = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     sd, own = _state_dict(ckpt, name, use_ema), model.state_dict()
     top = ("proj.", "norm.", "head.")  # the classifier, which a features-only model lacks
 
@@ -528,14 +509,12 @@ def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
                              f"{model.num_classes}")
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         sd.update({k: v for k, v in own.items() if k.startswith("head.")})  # fine-tuning: new head
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in own.items() if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = [f"{label} ({len(items)}): {', '.join(items[:3])}" for label, items in
-                 (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected)) if items]
-        raise ValueError(f"{name} does not fit {arch}; " + "; ".join(parts))
+    problems = {"shape mismatch": [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+                                   for k, v in own.items() if k in sd and sd[k].shape != v.shape],
+                "missing": [k for k in own if k not in sd], "unexpected": [k for k in sd if k not in own]}
+    if any(problems.values()):
+        raise ValueError(f"{name} does not fit {arch}; " + "; ".join(
+            f"{label} ({len(keys)}): {', '.join(keys[:3])}" for label, keys in problems.items() if keys))
     model.load_state_dict(sd)
     return model
 
@@ -608,15 +587,14 @@ def create_model(name, pretrained=None, features_only=False, compile_attn=None, 
     if bad := sorted(set(overrides) - valid):
         raise ValueError(f"unknown option(s) {bad} for {name}; valid: {', '.join(sorted(valid))}")
     cfg = replace(VARIANTS[name], **overrides)
-    stages = len(cfg.dims)
-    for field in ("depths", "heads", "layer_scale_init"):
+    cfg, stages = replace(cfg, attn=tuple(cfg.attn)), len(cfg.dims)
+    for field in ("depths", "heads", "layer_scale_init", "attn"):
         if len(getattr(cfg, field)) != stages:
             raise ValueError(f"{field} needs one value per stage ({stages}), got {getattr(cfg, field)}")
-    attn = tuple(cfg.attn)
-    if len(attn) != stages or any(a not in ATTENTION_KINDS for a in attn):
-        raise ValueError(f"attn must be {stages} values from {ATTENTION_KINDS}, got {attn}")
+    if any(a not in ATTENTION_KINDS for a in cfg.attn):
+        raise ValueError(f"attn must be values from {ATTENTION_KINDS}, got {cfg.attn}")
     path = download_checkpoint(name) if pretrained is True else pretrained
-    model = RAVLT(replace(cfg, attn=attn), features_only, compile_attn, norm_eval, out_norm)
+    model = RAVLT(cfg, features_only, compile_attn, norm_eval, out_norm)
     model.pretrained_cfg = dict(
         architecture=name, num_classes=cfg.num_classes, input_size=(cfg.in_chans, 224, 224),
         pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_MEAN,

@@ -322,7 +322,7 @@ def test_create_model_rejects_bad_names_and_options():
         ravlt.create_model("ravlt_t", num_class=10)
     with pytest.raises(ValueError, match="attn must be"):
         ravlt.create_model("ravlt_t", attn=("rala", "linear", "softmax", "softmax"))
-    with pytest.raises(ValueError, match="attn must be"):
+    with pytest.raises(ValueError, match=r"attn needs one value per stage \(4\)"):
         ravlt.create_model("ravlt_t", attn=("rala",) * 3)
     with pytest.raises(ValueError, match=r"depths needs one value per stage \(4\)"):
         ravlt.create_model("ravlt_t", depths=(1, 1, 2))
