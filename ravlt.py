@@ -157,7 +157,7 @@ def rala(q, k, v, rot, eps=1e-6):
         # 1. KV-buffer rank augmentation: weight each key by how well it matches the mean query
         q_bar = phi_q.mean(-1, keepdim=True)  # (B, h, d, 1)
         alpha = torch.softmax(d ** -0.5 * q_bar.transpose(-2, -1) @ phi_k, dim=-1)  # (B, h, 1, N)
-        k_tilde = phi_k * alpha * N  # (B, h, d, N); ×N keeps the mean weight at 1
+        k_tilde = phi_k * (alpha * N)  # (B, h, d, N); ×N keeps the mean weight at 1
         # 2. Normaliser from the un-rotated φ(q) (RoPE could make the dot products negative)
         z = 1.0 / (k_tilde.mean(-1, keepdim=True).transpose(-2, -1) @ phi_q + eps)  # (B, h, 1, N)
         # 3. Relative position: RoPE on both sides of the product

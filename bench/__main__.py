@@ -5,13 +5,15 @@
     python -m bench --sections ablation          # each speed trick of ravlt.py, on and off
     python -m bench --quick                      # tiny sizes, in seconds (a test runs all sections)
 
-Method (see bench/README.md): every timing is the best of --repeats, each spanning ≥ 50 ms of
-calls; the models of one table are timed interleaved, in one process, so that a change of load
-hits all alike; ratios are the figures to compare. Memory: the extra peak of one call.
+Method (see bench/README.md): the models of one table are timed in rounds, one timing (≥ 50 ms of
+calls) each per round, in one process; a speed-up is the median over rounds of the ratio within a
+round, so that a change of the machine's speed between rounds cancels out. Times are medians too.
+Memory: the extra peak of one call.
 """
 import argparse
 import importlib.util
 import math
+import statistics
 import sys
 import time
 import weakref
@@ -77,9 +79,11 @@ def peak_mb(fn, device):
 
 
 def measure(fns, device, repeats):
-    """(best seconds per call, extra peak MB) of each fn. After a warm-up call each (which also
-    compiles), one timed call sets how many calls one timing spans (≥ 50 ms); the fns' timings are interleaved, in an order
-    that rotates from round to round."""
+    """(seconds per call, speed relative to fns[0], extra peak MB) of each fn, medians over `repeats`
+    rounds. After a warm-up call each (which also compiles), one timed call sets how many calls one
+    timing spans (≥ 50 ms). Each round times every fn once, in an order that rotates from round to
+    round (no fn always first); the relative speed is the median of the ratios within a round, whose
+    timings are seconds apart, so that a change of the machine's speed between rounds cancels out."""
     def timed(fn, calls):
         torch.cuda.synchronize() if device.type == "cuda" else None
         start = time.perf_counter()
@@ -91,11 +95,12 @@ def measure(fns, device, repeats):
     for fn in fns:
         fn()  # warm-up (compiles, allocates); the next call sets how many calls one timing spans
     calls = [max(1, math.ceil(0.05 / timed(fn, 1))) for fn in fns]
-    best, n = [math.inf] * len(fns), len(fns)
+    times, n = [[] for _ in fns], len(fns)
     for r in range(repeats):
         for i in [(r + j) % n for j in range(n)]:  # each round starts one further: no fn always first
-            best[i] = min(best[i], timed(fns[i], calls[i]))
-    return [(t, peak_mb(fn, device)) for t, fn in zip(best, fns)]
+            times[i].append(timed(fns[i], calls[i]))
+    return [(statistics.median(ts), statistics.median(t0 / t for t0, t in zip(times[0], ts)),
+             peak_mb(fn, device)) for ts, fn in zip(times, fns)]
 
 
 def load_release(path):
@@ -159,7 +164,7 @@ class Without(nn.Module):
 
 
 def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
-          layer_sides=(14, 28, 56, 112), highres=((512, 512), (1024, 1024), (800, 1333)), repeats=3,
+          layer_sides=(14, 28, 56, 112), highres=((512, 512), (1024, 1024), (800, 1333)), repeats=7,
           device="cpu", compile=False, amp=False, release_file=None,
           sections=("models", "layer", "highres"), references=None):
     """Print speed and memory: whole models, the attention layer alone, high-resolution backbones,
@@ -182,7 +187,7 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
         return ref, ours
 
     print(f"{machine(device)} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
-          f"{'bf16 autocast' if amp else 'fp32'} | best of {repeats} | MB: extra peak memory | "
+          f"{'bf16 autocast' if amp else 'fp32'} | medians of {repeats} rounds | MB: extra peak memory | "
           f"x: speed-up over the first row of each model")
     x = torch.randn(batch, 3, size, size, device=device)
     xt, target = x[:train_batch], torch.randint(0, 1000, (train_batch,), device=device)
@@ -201,11 +206,9 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
             infer.append(run(lambda model=model: model.eval()(x)))
             train.append(run(train_step, grad=True))
         rows = zip(paths, measure(infer, device, repeats), measure(train, device, repeats))
-        for i, (path, (t_inf, mb_inf), (t_train, mb_train)) in enumerate(rows):
-            if i == 0:
-                base_inf, base_train = t_inf, t_train
-            print(f"{name:<15}{path:<22}{macs:>6.2f}{batch / t_inf:>12.1f}{base_inf / t_inf:>6.2f}"
-                  f"{mb_inf:>7.0f}{train_batch / t_train:>12.2f}{base_train / t_train:>6.2f}{mb_train:>7.0f}")
+        for path, (t_inf, x_inf, mb_inf), (t_train, x_train, mb_train) in rows:
+            print(f"{name:<15}{path:<22}{macs:>6.2f}{batch / t_inf:>12.1f}{x_inf:>6.2f}"
+                  f"{mb_inf:>7.0f}{train_batch / t_train:>12.2f}{x_train:>6.2f}{mb_train:>7.0f}")
 
     header = f"{'model':<15}{'path':<22}{'GMACs':>6}{'infer img/s':>12}{'x':>6}{'MB':>7}{'train img/s':>12}{'x':>6}{'MB':>7}"
     if "models" in sections:
@@ -253,8 +256,8 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
                 rel_sin, rel_cos = release.RoPE(64, 1).to(device)((side, side))
                 calls.append(run(lambda: rel_layer(xl, rel_sin, rel_cos)))
             results = measure(calls, device, repeats)
-            print(f"{side:>5}{side * side:>8}" + "".join(f"{t * 1e3:>9.2f} |{mb:>5.0f}" for t, mb in results)
-                  + (f"{results[2][0] / results[0][0]:>10.2f}" if release else ""))
+            print(f"{side:>5}{side * side:>8}" + "".join(f"{t * 1e3:>9.2f} |{mb:>5.0f}" for t, _, mb in results)
+                  + (f"{1 / results[2][1]:>10.2f}" if release else ""))
 
     if "highres" in sections:
         ref, hybrid = twin(variants[0], features_only=True)
@@ -265,11 +268,13 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
             ref.eval().to(device)
             backbones.append(nn.Sequential(ref.patch_embed, *ref.layers))
         print(f"\nhigh resolution, batch 1, inference, {variants[0]} backbone (features_only): s | extra peak MB")
-        print(f"{'input':>10}{'hybrid':>16}{'fully linear':>16}" + ("        release" if ref is not None else ""))
+        print(f"{'input':>10}{'hybrid':>16}{'fully linear':>16}"
+              + ("         release  x (release / hybrid)" if ref is not None else ""))
         for h, w in highres:
             xh = torch.randn(1, 3, h, w, device=device)
             results = measure([run(lambda b=b: b(xh)) for b in backbones], device, repeats)
-            print(f"{h}x{w}".rjust(10) + "".join(f"{t:>9.3f} |{mb:>5.0f}" for t, mb in results))
+            print(f"{h}x{w}".rjust(10) + "".join(f"{t:>9.3f} |{mb:>5.0f}" for t, _, mb in results)
+                  + (f"{1 / results[2][1]:>10.2f}" if ref is not None else ""))
 
 
 def main(argv=None):
@@ -278,7 +283,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="ravlt_nano at tiny sizes, one repeat: a smoke test in seconds")
     parser.add_argument("--variants", nargs="+", default=["ravlt_t", "ravlt_s"], choices=list(ravlt.VARIANTS))
     parser.add_argument("--batch", type=int, default=16, help="inference batch (training uses half)")
-    parser.add_argument("--repeats", type=int, default=3, help="timings per measurement (best kept)")
+    parser.add_argument("--repeats", type=int, default=7, help="rounds per measurement (medians kept)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time compile_attn=True (always on CUDA)")
