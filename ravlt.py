@@ -205,7 +205,7 @@ def _compiled(kind):
 
 
 class Attention(nn.Module):
-    """The frame both attention kinds share: proj(o ⊙ (Y + LePE(v))), q, k, v, o from one conv's weights."""
+    """The frame both attention kinds share: proj(o ⊙ (Y + LePE(v))), q, k, v, o from one conv."""
 
     def __init__(self, dim, num_heads, kind="rala", compile_attn=None):
         super().__init__()
@@ -221,10 +221,7 @@ class Attention(nn.Module):
     def heads(self, x):
         """q, k, v as (B, h, d, N) per head and the gate o as (B, C, H, W), from the qkvo conv."""
         B, C, H, W = x.shape
-        # self.qkvo(x).chunk(4, dim=1) as four convs on the slices of its weights: each group comes
-        # out dense, not strided, which the element-wise ops read faster (bench: --sections ablation)
-        weights, biases = self.qkvo.weight.chunk(4), self.qkvo.bias.chunk(4)
-        q, k, v, o = (F.conv2d(x, w, b) for w, b in zip(weights, biases))  # 4 × (B, C, H, W)
+        q, k, v, o = self.qkvo(x).chunk(4, dim=1)  # (B, 4C, H, W) -> 4 × (B, C, H, W)
         q, k, v = (t.reshape(B, self.num_heads, C // self.num_heads, H * W) for t in (q, k, v))
         return q, k, v, o
 

@@ -238,20 +238,19 @@ def test_parameter_count_equals_release(name):
 
 def analytic_macs(model, size):
     """MACs from the architecture alone, without torch's flop counter: every convolution's
-    Cout·(Cin/groups)·k·k per output pixel (hooks read the real output sizes; qkvo and the FFN's
-    depthwise conv are applied functionally, so they are counted from their modules), plus per head
+    Cout·(Cin/groups)·k·k per output pixel (hooks read the real output sizes; the FFN's depthwise
+    conv is applied functionally, so it is counted from its module), plus per head
     2·N·d + 2·N·d² for RALA (α, z, KV buffer, read-out) and 2·N²·d for softmax (Q Kᵀ, A V)."""
     total, hooks = [0], []
 
     def conv(m, inputs, out):
         total[0] += out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
 
-    def attention(m, inputs, out):  # the core, and the qkvo conv (applied as four convs)
+    def attention(m, inputs, out):  # the core
         B, C, H, W = inputs[0].shape
         h, N = m.num_heads, H * W
         d = C // h
         total[0] += B * h * (2 * N * d + 2 * N * d * d if m.kind == "rala" else 2 * N * N * d)
-        total[0] += B * N * 4 * C * C
 
     def ffn(m, inputs, out):  # the depthwise conv (applied with its identity folded in)
         B, _, H, W = inputs[0].shape
@@ -1532,7 +1531,7 @@ def test_bench_quick_runs_and_prints_every_section(capsys):
     assert float(model_row[3]) > 0 and float(model_row[6]) > 0  # inference and training img/s
     ablation = [" ".join(r[1:4]) for r in rows if r[:1] == ["ravlt_nano"]][1:]
     assert [a.split(" 0.")[0] for a in ablation] == ["as is", "no channels-last", "real-valued RoPE",
-                                                    "qkvo chunked", "dwconv unfolded"]
+                                                    "dwconv unfolded"]
     layer_rows = [r for r in rows if r[:2] in (["8", "64"], ["16", "256"])]
     assert len(layer_rows) == 2  # RALA and softmax at two sizes
     assert any(r[:1] == ["96x128"] for r in rows)  # the high-resolution table
@@ -1549,8 +1548,7 @@ def test_bench_ablation_forms_equal_the_model():
     x = torch.randn(1, 3, 40, 48)
     with torch.no_grad():
         ref = model(x)
-        for swaps in ({(ravlt.Attention, "heads"): bench.heads_one_conv},
-                      {(ravlt.FFN, "forward"): bench.ffn_residual_sum}, {(ravlt, "rope"): bench.rope_real}):
+        for swaps in ({(ravlt.FFN, "forward"): bench.ffn_residual_sum}, {(ravlt, "rope"): bench.rope_real}):
             plain = bench.Without(model, swaps)(x)
             torch.testing.assert_close(plain, ref, rtol=1e-5, atol=1e-5)
         assert ravlt.FFN.forward is not bench.ffn_residual_sum  # put back

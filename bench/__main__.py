@@ -130,14 +130,6 @@ def without_channels_last(model):
     return model.to(memory_format=torch.contiguous_format)
 
 
-def heads_one_conv(self, x):
-    """Attention.heads in the textbook form: one qkvo conv, its output chunked (strided views)."""
-    B, C, H, W = x.shape
-    q, k, v, o = self.qkvo(x).chunk(4, dim=1)
-    q, k, v = (t.reshape(B, self.num_heads, C // self.num_heads, H * W) for t in (q, k, v))
-    return q, k, v, o
-
-
 def ffn_residual_sum(self, x):
     """FFN.forward in the textbook form: x + dwconv(x), two passes."""
     x = F.gelu(self.fc1(x))
@@ -228,15 +220,14 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
         print(f"\nspeed tricks of ravlt.py, {variants[0]} ({size}²): each row turns one off\n{header}")
         _, base = twin(variants[0])
         macs = ravlt.count_macs(base, size) / 1e9
-        copies = [twin(variants[0])[1] for _ in range(4)]
+        copies = [twin(variants[0])[1] for _ in range(3)]
         for copy in copies:
             copy.load_state_dict(base.state_dict())
         time_models(variants[0], {
             "as is": base,
             "no channels-last": without_channels_last(copies[0]),
             "real-valued RoPE": Without(copies[1], {(ravlt, "rope"): rope_real}),
-            "qkvo chunked": Without(copies[2], {(ravlt.Attention, "heads"): heads_one_conv}),
-            "dwconv unfolded": Without(copies[3], {(ravlt.FFN, "forward"): ffn_residual_sum}),
+            "dwconv unfolded": Without(copies[2], {(ravlt.FFN, "forward"): ffn_residual_sum}),
         }, macs)
 
     if "layer" in sections:
