@@ -96,7 +96,8 @@ class RoPE2d(nn.Module):
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
-        self.head_dim = head_dim  # the release's buffer, each ω twice, kept for its state-dict key:
+        self.head_dim = head_dim
+        # the release's buffer, each ω twice, kept for its state-dict key (forward does not read it)
         self.register_buffer("angle", self.frequencies().repeat_interleave(2))  # (d/2,)
 
     def frequencies(self, device=None):
@@ -442,9 +443,10 @@ def read_checkpoint(path):
         raise ValueError(f"checkpoint {path} is a directory, not a file")
     with open(path, "rb") as f:  # FileNotFoundError for a missing file
         head = f.read(4)
+    if not head:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes)")
     if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip (before torch 1.6, a pickle)
-        raise ValueError(f"checkpoint {path} is empty (0 bytes)" if not head else
-                         f"{path} is not a checkpoint: it begins with {head!r}, torch.save's with b'PK'")
+        raise ValueError(f"{path} is not a checkpoint: it begins with {head!r}, torch.save's with b'PK'")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -478,10 +480,10 @@ def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
     """Load weights into `model` strictly; returns the model. `checkpoint`: a path, or a dict read
     with `read_checkpoint` (a large file is then read once). Accepts the release's RAVLT_{T,S,B,L}.pth
     (`model`, `model_ema`, `optimizer`, ..., `args`), our training checkpoints, plain state dicts and
-    the backbone of the release's mmdetection / mmsegmentation files. A features-only model ignores
-    the classifier; a model with another number of classes (or none) keeps its own head, unless
-    new_head=False, which refuses such a file (evaluation needs its head). Weights that do not fit
-    raise ValueError; another variant's are named as such."""
+    the backbone of the release's mmdetection / mmsegmentation files (into features-only models,
+    which ignore any classifier). A model with another number of classes (or none) keeps its own
+    head, unless new_head=False, which refuses such a file (evaluation needs its head). Weights that
+    do not fit raise ValueError; another variant's are named as such."""
     name = "the checkpoint" if isinstance(checkpoint, dict) else f"checkpoint {checkpoint}"
     ckpt = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     sd, own = _state_dict(ckpt, name, use_ema), model.state_dict()
@@ -584,12 +586,12 @@ def create_model(name, pretrained=None, features_only=False, compile_attn=None, 
     if bad := sorted(set(overrides) - valid):
         raise ValueError(f"unknown option(s) {bad} for {name}; valid: {', '.join(sorted(valid))}")
     cfg = replace(VARIANTS[name], **overrides)
-    cfg, stages = replace(cfg, attn=tuple(cfg.attn)), len(cfg.dims)
+    cfg, stages = replace(cfg, attn=tuple(cfg.attn)), len(cfg.dims)  # attn: a list is welcome too
     for field in ("depths", "heads", "layer_scale_init", "attn"):
         if len(getattr(cfg, field)) != stages:
             raise ValueError(f"{field} needs one value per stage ({stages}), got {getattr(cfg, field)}")
     if any(a not in ATTENTION_KINDS for a in cfg.attn):
-        raise ValueError(f"attn must be values from {ATTENTION_KINDS}, got {cfg.attn}")
+        raise ValueError(f"attn values must be from {ATTENTION_KINDS}, got {cfg.attn}")
     path = download_checkpoint(name) if pretrained is True else pretrained
     model = RAVLT(cfg, features_only, compile_attn, norm_eval, out_norm)
     model.pretrained_cfg = dict(

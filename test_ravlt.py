@@ -319,7 +319,7 @@ def test_create_model_rejects_bad_names_and_options():
         ravlt.create_model("ravlt_xl")
     with pytest.raises(ValueError, match="unknown option"):
         ravlt.create_model("ravlt_t", num_class=10)
-    with pytest.raises(ValueError, match="attn must be"):
+    with pytest.raises(ValueError, match="attn values must be from"):
         ravlt.create_model("ravlt_t", attn=("rala", "linear", "softmax", "softmax"))
     with pytest.raises(ValueError, match=r"attn needs one value per stage \(4\)"):
         ravlt.create_model("ravlt_t", attn=("rala",) * 3)
@@ -1535,6 +1535,13 @@ def test_bench_quick_runs_and_prints_every_section(capsys):
     layer_rows = [r for r in rows if r[:2] in (["8", "64"], ["16", "256"])]
     assert len(layer_rows) == 2  # RALA and softmax at two sizes
     assert any(r[:1] == ["96x128"] for r in rows)  # the high-resolution table
+
+
+def test_bench_refuses_zero_rounds(capsys):
+    for flag in ("--repeats", "--batch"):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--quick", flag, "0"])
+        assert exit_info.value.code == 2 and "must be at least 1" in capsys.readouterr().err
 
 
 def test_bench_ablation_forms_equal_the_model():

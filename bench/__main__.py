@@ -284,6 +284,8 @@ def main(argv=None):
     parser.add_argument("--release-file", help="the release's RALA.py, timed side by side on the same "
                         "weights (needs timm, einops and fvcore)")
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.batch < 1:
+        parser.error("--repeats and --batch must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     compile = args.compile or args.device.startswith("cuda")
