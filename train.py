@@ -424,6 +424,14 @@ def init_distributed(args):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def finish_distributed():
+    # all processes reach the end before the group goes: tearing it down while another process is
+    # still saving or evaluating can hang (pytorch/pytorch#75097), hence the barrier first
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(args):
     """run(args), with an image that cannot be decoded turned into one line saying what to do."""
     started = time.time()
@@ -498,8 +506,7 @@ def run(args):
             load_weights(model, args.resume, ckpt, use_ema)
             results.update({prefix + k: v for k, v in evaluate(model, val_loader, device, amp_dtype).items()})
         log(json.dumps(results))
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        finish_distributed()
         return results
 
     sets["train"].transform = train_tf
@@ -607,8 +614,7 @@ def run(args):
         log(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f}, val loss "
             f"{row['val_loss']:.4f}, acc1 {row['val_acc1']:.2f}, acc5 {row['val_acc5']:.2f}{ema_text}, "
             f"lr {row['lr']:.3g}, {row['img_per_s']:.0f} img/s, {row['epoch_time']:.1f} s")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish_distributed()
     return row
 
 
