@@ -1,5 +1,4 @@
-"""
-RAVLT, the Rank-Augmented Vision Linear Transformer, in one file.
+"""RAVLT, the Rank-Augmented Vision Linear Transformer, in one file.
 
 Paper:   "Breaking the Low-Rank Dilemma of Linear Attention", Qihang Fan, Huaibo Huang, Ran He,
          CVPR 2025, arXiv:2411.07635. Official release: github.com/qhfan/RALA.
@@ -18,12 +17,11 @@ is large; softmax attention in stages 3-4, where N is small), in four sizes T/S/
 Shapes: B batch, C channels, H×W feature map, N = H·W tokens (row-major), h heads, d = C/h head
 dim. Maps are (B, C, H, W) between modules; inside attention each head's tensors are (B, h, d, N).
 
-State-dict keys are the release's: its checkpoints load as they are. `python ravlt.py` prints the
-variant table; the benchmark lives in bench/.
+State-dict keys are the release's: its checkpoints load as they are. `python ravlt.py` lists the variants.
 """
 import argparse
+import contextlib
 import functools
-import math
 import os
 import zipfile
 from collections import OrderedDict
@@ -52,7 +50,6 @@ class RAVLTConfig:
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-ATTENTION_KINDS = ("rala", "softmax")
 
 # -----------------------------------------------------------------------------
 # Small helpers
@@ -80,17 +77,13 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1.0 - self.p)  # (B, 1, 1, 1)
-        return x * keep / (1.0 - self.p)
+        return x * (keep / (1.0 - self.p))  # (B, 1, 1, 1) rescaled, then one pass over x
 
 
 class RoPE2d(nn.Module):
-    """2D rotary position embedding as complex numbers. Each channel pair (2i, 2i+1) of a head is
-    read as x_2i + i·x_2i+1; multiplying it by e^{iθ} rotates the pair by the angle θ. Pairs in
-    the first half of the head turn with the token's row, pairs in the second half with its column.
-
-    d/4 frequencies ω_m = 10000^(-m/(d/4-1)); forward(H, W) gives the rotations e^{iθ}, (N, d/2)
-    complex64, with θ = r·ω for the row pairs and c·ω for the column pairs of the token (r, c).
-    """
+    """2D rotary position embedding. forward(H, W) gives e^{iθ}, (N, d/2) complex64: the rotation of
+    each channel pair x_2i + i·x_2i+1 of token (r, c), θ = r·ω for the first d/4 pairs (rows) and
+    c·ω for the last d/4 (columns), with frequencies ω_m = 10000^(-m/(d/4-1)), m = 0 .. d/4-1."""
 
     def __init__(self, head_dim):
         super().__init__()
@@ -105,8 +98,7 @@ class RoPE2d(nn.Module):
         return 1.0 / 10000.0 ** torch.linspace(0, 1, self.head_dim // 4, device=device)  # (d/4,)
 
     def forward(self, H, W):
-        # ω recomputed in float32, not read from `angle`: in a bf16 model the buffer is bf16, and
-        # far from the origin its rounding would shift the angles by tenths of a radian
+        # ω in float32, not from `angle`: a bf16 buffer would shift far angles by tenths of a radian
         omega = self.frequencies(self.angle.device)  # (d/4,)
         rows = torch.arange(H, device=omega.device, dtype=torch.float32)[:, None, None]  # (H, 1, 1)
         cols = torch.arange(W, device=omega.device, dtype=torch.float32)[None, :, None]  # (1, W, 1)
@@ -172,19 +164,17 @@ def rala(q, k, v, rot, eps=1e-6):
 
 
 def softmax_attention(q, k, v, rot):
-    """Softmax attention with RoPE on q and k (stages 3-4): Y = softmax(d^-½ q kᵀ) v."""
+    """Softmax attention with RoPE on q and k (stages 3-4): Y = softmax(d^-½ q kᵀ) v, by PyTorch's
+    fused kernel (scaled_dot_product_attention), which never stores the N×N matrix."""
     q, k = rope(q, rot), rope(k, rot)  # (B, h, d, N)
     q, k, v = (t.transpose(-2, -1) for t in (q, k, v))  # (B, h, N, d)
-    # SDPA's fused kernels never build the N×N matrix but need the head dim contiguous in memory
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v).transpose(-2, -1)  # (B, h, N, d) -> (B, h, d, N)
 
 
 def rala_matrix(q, k, rot, eps=1e-6):
-    """RALA's explicit N×N attention matrix A (B, h, N, N), the one with Y = V Aᵀ:
-    A_ij = z_i · RoPE(φ(q_i)) · RoPE(K̃_j) / N. Read off by giving rala the identity as values
-    (then Y = Aᵀ); O(N²·d), for teaching, rank analysis and tests. Rows need not sum to 1:
-    z uses the un-rotated queries, A the rotated ones."""
+    """RALA's explicit N×N matrix A (B, h, N, N), Y = V Aᵀ: A_ij = z_i·RoPE(φ(q_i))·RoPE(K̃_j)/N (rows
+    need not sum to 1: z uses the un-rotated queries). Read off by giving rala the identity as values
+    (then Y = Aᵀ); O(N²·d), for teaching, rank analysis and tests."""
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand(*q.shape[:2], -1, -1)
     return rala(q, k, eye, rot, eps).transpose(-2, -1)  # (B, h, N, N)
 
@@ -200,8 +190,7 @@ _CORES = {"rala": rala, "softmax": softmax_attention}
 
 @functools.cache
 def _compiled(kind):
-    # Compiled once per kind and shared by all layers; inductor fuses RALA's element-wise chain
-    # (φ, α weighting, RoPE, normaliser) into a few kernels around the two matmuls.
+    # one compiled core per kind, shared by all layers: inductor fuses RALA's element-wise steps
     return torch.compile(_CORES[kind])
 
 
@@ -210,8 +199,8 @@ class Attention(nn.Module):
 
     def __init__(self, dim, num_heads, kind="rala", compile_attn=None):
         super().__init__()
-        if kind not in ATTENTION_KINDS:
-            raise ValueError(f"attention kind must be one of {ATTENTION_KINDS}, got {kind!r}")
+        if kind not in _CORES:
+            raise ValueError(f"attn values must be from {tuple(_CORES)}, got {kind!r}")
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.kind, self.num_heads, self.compile_attn = kind, num_heads, compile_attn
@@ -262,8 +251,7 @@ class FFN(nn.Module):
 
     def forward(self, x):
         x = F.gelu(self.fc1(x))  # (B, hidden, H, W)
-        # x + dwconv(x) as one depthwise conv whose kernels have 1 added at the centre: one pass
-        # over the block's widest tensor instead of two (python -m bench --sections ablation)
+        # x + dwconv(x) as one depthwise conv, 1 added at each kernel's centre: one pass over x, not two
         identity = F.pad(torch.ones_like(self.dwconv.weight[..., :1, :1]), (1, 1, 1, 1))  # (hidden, 1, 3, 3)
         x = F.conv2d(x, self.dwconv.weight + identity, self.dwconv.bias, padding=1, groups=x.shape[1])
         return self.fc2(x)  # (B, C, H, W)
@@ -298,13 +286,11 @@ def downsample(dim, out_dim):
 class Stage(nn.Module):
     """Blocks at one resolution; the RoPE rotations are computed once per forward and shared."""
 
-    def __init__(self, dim, out_dim, depth, num_heads, kind, mlp_ratio, drop_paths, layer_scale,
-                 compile_attn):
+    def __init__(self, dim, out_dim, num_heads, kind, mlp_ratio, drop_paths, layer_scale, compile_attn):
         super().__init__()
         self.RoPE = RoPE2d(dim // num_heads)  # attribute name kept for the release's state-dict keys
-        self.blocks = nn.ModuleList(
-            Block(dim, num_heads, kind, mlp_ratio, p, layer_scale, compile_attn) for p in drop_paths
-        )
+        self.blocks = nn.ModuleList(Block(dim, num_heads, kind, mlp_ratio, p, layer_scale, compile_attn)
+                                    for p in drop_paths)  # one block per drop-path rate
         self.downsample = downsample(dim, out_dim) if out_dim else None  # RAVLT.forward_stages calls it
 
     def forward(self, x):
@@ -321,8 +307,7 @@ def stem(in_chans, dim):
         nn.Conv2d(in_chans, half, 3, 2, 1), nn.BatchNorm2d(half), nn.GELU(),
         nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
         nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
-        nn.Conv2d(half, dim, 3, 2, 1), nn.BatchNorm2d(dim),
-    )
+        nn.Conv2d(half, dim, 3, 2, 1), nn.BatchNorm2d(dim))
 
 
 # -----------------------------------------------------------------------------
@@ -330,12 +315,11 @@ def stem(in_chans, dim):
 
 
 class RAVLT(nn.Module):
-    # Maps and weights are kept channels-last (each pixel's C channels side by side in memory; the
-    # shapes do not change): convolutions run faster so, and LayerNorm reads contiguous channels.
+    """Stem (stride 4), four stages with downsampling between them, then the classifier head."""
+    # channels-last memory (a pixel's C values side by side; shapes unchanged): faster convolutions
     memory_format = torch.channels_last
 
-    def __init__(self, cfg: RAVLTConfig, features_only=False, compile_attn=None, norm_eval=False,
-                 out_norm=False):
+    def __init__(self, cfg, features_only=False, compile_attn=None, norm_eval=False, out_norm=False):
         super().__init__()
         if out_norm and not features_only:
             raise ValueError("out_norm=True needs features_only=True")
@@ -344,15 +328,13 @@ class RAVLT(nn.Module):
         self.feature_channels = tuple(cfg.dims)
         self.patch_embed = nn.Module()  # a namespace, so that the keys read patch_embed.proj.*
         self.patch_embed.proj = stem(cfg.in_chans, cfg.dims[0])
-        n = sum(cfg.depths)
-        rates = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear from 0
-        self.layers = nn.ModuleList()
-        for i, depth in enumerate(cfg.depths):
-            first = sum(cfg.depths[:i])
-            self.layers.append(Stage(
-                cfg.dims[i], cfg.dims[i + 1] if i + 1 < len(cfg.dims) else None, depth, cfg.heads[i],
-                cfg.attn[i], cfg.mlp_ratio, rates[first:first + depth], cfg.layer_scale_init[i],
-                compile_attn))
+        n = sum(cfg.depths)  # stochastic depth: the drop-path rate grows linearly from 0 over all n blocks
+        rates = iter([cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)])
+        out_dims = [*cfg.dims[1:], None]  # each stage downsamples to the next one's width, the last not
+        self.layers = nn.ModuleList(
+            Stage(cfg.dims[i], out_dims[i], cfg.heads[i], cfg.attn[i], cfg.mlp_ratio,
+                  [next(rates) for _ in range(depth)], cfg.layer_scale_init[i], compile_attn)
+            for i, depth in enumerate(cfg.depths))
         self.num_features, self.head_hidden_size = cfg.dims[-1], cfg.head_hidden
         if out_norm:  # the release's COCO/ADE20K backbones: a LayerNorm on each stage output
             self.extra_norms = nn.ModuleList(LayerNorm2d(dim) for dim in cfg.dims)
@@ -368,12 +350,10 @@ class RAVLT(nn.Module):
     def _init_weights(m):
         if isinstance(m, nn.Conv2d):
             nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            nn.init.zeros_(m.bias)  # every conv here has one
 
     def train(self, mode=True):
-        # norm_eval: BatchNorm keeps its ImageNet statistics while a detector trains on 2 images
-        # per GPU (as the release's detection backbone does); its affine weights still learn.
+        # norm_eval: BatchNorm statistics stay fixed while a detector trains on 2 images per GPU
         super().train(mode)
         if self.norm_eval:
             for m in self.modules():
@@ -436,9 +416,8 @@ class RAVLT(nn.Module):
 
 
 def read_checkpoint(path):
-    """torch.load for checkpoints: a checkpoint is data, not code, so only tensors, containers and
-    argparse.Namespace (the release's files hold one under `args`) may load (weights_only=True).
-    A file that is not one raises ValueError saying why: a directory, empty, truncated, other data."""
+    """torch.load with weights_only=True: a checkpoint is data, not code (tensors, containers, and the
+    argparse.Namespace of the release's files). Any other file raises ValueError saying what it is."""
     if os.path.isdir(path):
         raise ValueError(f"checkpoint {path} is a directory, not a file")
     with open(path, "rb") as f:  # FileNotFoundError for a missing file
@@ -455,14 +434,12 @@ def read_checkpoint(path):
             raise ValueError(f"checkpoint {path} is truncated: its saving or copying stopped early") from None
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         unsafe = [line.split(". ")[0] for line in lines if line.startswith("WeightsUnpickler error:")]
-        # weights_only's point is on one line of many
-        raise ValueError(f"cannot read checkpoint {path}: {(unsafe or lines)[0]}") from None
+        raise ValueError(f"cannot read checkpoint {path}: {(unsafe or lines)[0]}") from None  # the point
 
 
 def _state_dict(ckpt, name, use_ema):
-    """The model weights inside a release .pth, a training checkpoint of ours, a plain state dict,
-    or an mmdetection / mmsegmentation file (the release's COCO and ADE20K models), which keeps them
-    under `state_dict`, the backbone's prefixed `backbone.`: those are kept, the neck's and heads' not."""
+    """The weights in a release .pth (`model`, `model_ema`, ...), a training checkpoint of ours, a state
+    dict, or the backbone (`state_dict`, `backbone.*`) of the release's mmdetection / mmseg files."""
     if not isinstance(ckpt, dict):
         raise ValueError(f"{name} holds a {type(ckpt).__name__}, expected a dict")
     mm = ckpt.get("state_dict")
@@ -477,13 +454,10 @@ def _state_dict(ckpt, name, use_ema):
 
 
 def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
-    """Load weights into `model` strictly; returns the model. `checkpoint`: a path, or a dict read
-    with `read_checkpoint` (a large file is then read once). Accepts the release's RAVLT_{T,S,B,L}.pth
-    (`model`, `model_ema`, `optimizer`, ..., `args`), our training checkpoints, plain state dicts and
-    the backbone of the release's mmdetection / mmsegmentation files (into features-only models,
-    which ignore any classifier). A model with another number of classes (or none) keeps its own
-    head, unless new_head=False, which refuses such a file (evaluation needs its head). Weights that
-    do not fit raise ValueError; another variant's are named as such."""
+    """Load weights into `model` strictly and return it. `checkpoint`: a path or a dict from
+    `read_checkpoint`, any file `_state_dict` reads (detectors' into features-only models, which have
+    no classifier). A classifier for another number of classes gives way to the model's own head
+    (fine-tuning), unless new_head=False. Misfits raise ValueError; another variant's are named."""
     name = "the checkpoint" if isinstance(checkpoint, dict) else f"checkpoint {checkpoint}"
     ckpt = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     sd, own = _state_dict(ckpt, name, use_ema), model.state_dict()
@@ -546,9 +520,8 @@ DOWNSTREAM = [f"{model}_{size}_{schedule}.pth" for model, sizes, schedule in [  
 
 
 def download_checkpoint(name):
-    """Local path of a release file: "ravlt_t" (RAVLT_T.pth, ImageNet-1k) or a DOWNSTREAM file name.
-    Kept where torchvision keeps its weights, torch.hub.get_dir()/checkpoints ($TORCH_HOME/hub):
-    downloaded once with a progress bar, then read from there without any network."""
+    """Local path of a release file, "ravlt_t" (RAVLT_T.pth) or a DOWNSTREAM name: downloaded once into
+    torch.hub.get_dir()/checkpoints, where torchvision keeps its weights, then read offline."""
     file = PRETRAINED.get(name, name)
     if file not in (*PRETRAINED.values(), *DOWNSTREAM):
         raise ValueError(f"{name!r} has no released weights; released: {', '.join(PRETRAINED)} "
@@ -571,15 +544,12 @@ def download_checkpoint(name):
 def create_model(name, pretrained=None, features_only=False, compile_attn=None, norm_eval=False,
                  out_norm=False, **overrides):
     """Build a RAVLT variant: create_model("ravlt_t", num_classes=10, attn=("rala",) * 4).
-
     overrides: any RAVLTConfig field (num_classes, in_chans, drop_path_rate, attn, ...).
     compile_attn: None compiles the attention on CUDA only, True always (CPU via inductor), False never.
-    pretrained: a checkpoint's path (see load_checkpoint), or True: the release's ImageNet-1k file
-      (download_checkpoint), its `model` weights (last epoch), which the release fine-tunes from.
-      The file's classifier is replaced only when num_classes is given and differs.
+    pretrained: a checkpoint's path, or True for the release's ImageNet-1k file (its `model` weights,
+      which the release fine-tunes from); its classifier is replaced if num_classes is given and differs.
     features_only: forward returns the four stage maps (a backbone); norm_eval: BatchNorm frozen;
-    out_norm (with features_only): a LayerNorm on each map, as the release's COCO/ADE20K backbones.
-    """
+    out_norm (with features_only): a LayerNorm on each map, as the release's COCO/ADE20K backbones."""
     if name not in VARIANTS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}")
     valid = {f.name for f in fields(RAVLTConfig)}
@@ -590,8 +560,6 @@ def create_model(name, pretrained=None, features_only=False, compile_attn=None, 
     for field in ("depths", "heads", "layer_scale_init", "attn"):
         if len(getattr(cfg, field)) != stages:
             raise ValueError(f"{field} needs one value per stage ({stages}), got {getattr(cfg, field)}")
-    if any(a not in ATTENTION_KINDS for a in cfg.attn):
-        raise ValueError(f"attn values must be from {ATTENTION_KINDS}, got {cfg.attn}")
     path = download_checkpoint(name) if pretrained is True else pretrained
     model = RAVLT(cfg, features_only, compile_attn, norm_eval, out_norm)
     model.pretrained_cfg = dict(
@@ -603,25 +571,20 @@ def create_model(name, pretrained=None, features_only=False, compile_attn=None, 
     return model
 
 
+@contextlib.contextmanager
 def flop_counter():
-    """torch's FlopCounterMode, with one formula for every fused SDPA kernel: which of them torch's
-    counter knows differs between releases. Q Kᵀ and A V cost N·M·d multiply-adds each per head."""
+    """torch's FlopCounterMode, with SDPA on its math path: two matrix products, which the counter
+    knows (which fused SDPA kernels it knows differs between torch releases)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    def sdpa_flops(q, k, v, *args, **kwargs):  # shapes: q (B, h, N, d), k (B, h, M, d), v (B, h, M, dv)
-        return 2 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
-
-    kernels = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-               "_scaled_dot_product_fused_attention_overrideable")
-    sdpa = {getattr(torch.ops.aten, k): sdpa_flops for k in kernels if hasattr(torch.ops.aten, k)}
-    return FlopCounterMode(display=False, custom_mapping=sdpa)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        yield counter
 
 
 def count_macs(model, size=224, batch=1):
     """Multiply-accumulates of one forward (convolutions, matmuls, attention cores), 2 FLOPs each."""
-    param = next(model.parameters())
-    x = torch.zeros(batch, getattr(model, "in_chans", 3), size, size, device=param.device)
+    x = torch.zeros(batch, getattr(model, "in_chans", 3), size, size, device=next(model.parameters()).device)
     was_training = model.training
     with flop_counter() as counter, torch.no_grad():
         model.eval()(x)

@@ -363,6 +363,13 @@ def test_features_only_returns_four_stage_maps():
             torch.testing.assert_close(a, b)
 
 
+def test_drop_path_rates_grow_linearly_over_all_blocks():
+    model = ravlt.create_model("ravlt_s", drop_path_rate=0.3)  # depths (3, 5, 9, 3): 20 blocks
+    rates = [block.drop_path.p for stage in model.layers for block in stage.blocks]
+    assert [len(stage.blocks) for stage in model.layers] == [3, 5, 9, 3]
+    assert rates == pytest.approx(torch.linspace(0, 0.3, 20).tolist(), abs=1e-7)
+
+
 def test_backward_gives_every_parameter_a_finite_gradient():
     model = ravlt.create_model("ravlt_nano", drop_path_rate=0.1)
     model(torch.randn(2, 3, 48, 40)).logsumexp(-1).sum().backward()
