@@ -90,7 +90,7 @@ class RoPE2d(nn.Module):
         if head_dim % 4:
             raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
         self.head_dim = head_dim
-        # the release's buffer, each ω twice, kept for its state-dict key (forward does not read it)
+        # the release's buffer, each ω twice, kept for its state-dict key (forward reads only its device)
         self.register_buffer("angle", self.frequencies().repeat_interleave(2))  # (d/2,)
 
     def frequencies(self, device=None):
@@ -102,7 +102,7 @@ class RoPE2d(nn.Module):
         omega = self.frequencies(self.angle.device)  # (d/4,)
         rows = torch.arange(H, device=omega.device, dtype=torch.float32)[:, None, None]  # (H, 1, 1)
         cols = torch.arange(W, device=omega.device, dtype=torch.float32)[None, :, None]  # (1, W, 1)
-        theta = torch.cat([(rows * omega).expand(H, W, -1), (cols * omega).expand(H, W, -1)], -1)
+        theta = torch.cat(torch.broadcast_tensors(rows * omega, cols * omega), -1)  # (H, W, d/2)
         return torch.polar(torch.ones_like(theta), theta).flatten(0, 1)  # (N, d/2): token r·W + c
 
 
@@ -147,7 +147,7 @@ def rala(q, k, v, rot, eps=1e-6):
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = q.float(), k.float(), v.float()
         phi_q, phi_k = phi(q), phi(k)  # (B, h, d, N)
-        # 1. KV-buffer rank augmentation: weight each key by how well it matches the mean query
+        # 1. (a) KV-buffer rank augmentation: weight each key by how well it matches the mean query
         q_bar = phi_q.mean(-1, keepdim=True)  # (B, h, d, 1)
         alpha = torch.softmax(d ** -0.5 * q_bar.transpose(-2, -1) @ phi_k, dim=-1)  # (B, h, 1, N)
         k_tilde = phi_k * (alpha * N)  # (B, h, d, N); ×N keeps the mean weight at 1
@@ -164,8 +164,8 @@ def rala(q, k, v, rot, eps=1e-6):
 
 
 def softmax_attention(q, k, v, rot):
-    """Softmax attention with RoPE on q and k (stages 3-4): Y = softmax(d^-½ q kᵀ) v, by PyTorch's
-    fused kernel (scaled_dot_product_attention), which never stores the N×N matrix."""
+    """Softmax attention with RoPE on q and k (stages 3-4): Y = softmax(d^-½ q kᵀ) v, computed by
+    F.scaled_dot_product_attention, whose fused kernels never store the N×N matrix."""
     q, k = rope(q, rot), rope(k, rot)  # (B, h, d, N)
     q, k, v = (t.transpose(-2, -1) for t in (q, k, v))  # (B, h, N, d)
     return F.scaled_dot_product_attention(q, k, v).transpose(-2, -1)  # (B, h, N, d) -> (B, h, d, N)
@@ -175,7 +175,7 @@ def rala_matrix(q, k, rot, eps=1e-6):
     """RALA's explicit N×N matrix A (B, h, N, N), Y = V Aᵀ: A_ij = z_i·RoPE(φ(q_i))·RoPE(K̃_j)/N (rows
     need not sum to 1: z uses the un-rotated queries). Read off by giving rala the identity as values
     (then Y = Aᵀ); O(N²·d), for teaching, rank analysis and tests."""
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand(*q.shape[:2], -1, -1)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand(*q.shape[:2], -1, -1)  # (B, h, N, N)
     return rala(q, k, eye, rot, eps).transpose(-2, -1)  # (B, h, N, N)
 
 
@@ -212,7 +212,7 @@ class Attention(nn.Module):
         """q, k, v as (B, h, d, N) per head and the gate o as (B, C, H, W), from the qkvo conv."""
         B, C, H, W = x.shape
         q, k, v, o = self.qkvo(x).chunk(4, dim=1)  # (B, 4C, H, W) -> 4 × (B, C, H, W)
-        q, k, v = (t.reshape(B, self.num_heads, C // self.num_heads, H * W) for t in (q, k, v))
+        q, k, v = (t.reshape(B, self.num_heads, -1, H * W) for t in (q, k, v))  # (B, h, d, N)
         return q, k, v, o
 
     def forward(self, x, rot):
@@ -225,7 +225,7 @@ class Attention(nn.Module):
         # the map's memory stays channels-last (free for one head, else one copy)
         y = y.permute(0, 3, 1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)
         y = y + self.lepe(v.reshape(B, C, H, W))  # (B, C, H, W)
-        # Output-feature rank augmentation: rank(o ⊙ Y) ≤ rank(o)·rank(Y), so the element-wise gate
+        # (b) Output-feature rank augmentation: rank(o ⊙ Y) ≤ rank(o)·rank(Y), so the element-wise gate
         # frees the output from the rank of the (low-rank) attention matrix that produced Y
         return self.proj(o * y)
 
@@ -252,13 +252,13 @@ class FFN(nn.Module):
     def forward(self, x):
         x = F.gelu(self.fc1(x))  # (B, hidden, H, W)
         # x + dwconv(x) as one depthwise conv, 1 added at each kernel's centre: one pass over x, not two
-        identity = F.pad(torch.ones_like(self.dwconv.weight[..., :1, :1]), (1, 1, 1, 1))  # (hidden, 1, 3, 3)
+        identity = F.pad(self.dwconv.weight.new_ones(x.shape[1], 1, 1, 1), (1, 1, 1, 1))  # (hidden, 1, 3, 3)
         x = F.conv2d(x, self.dwconv.weight + identity, self.dwconv.bias, padding=1, groups=x.shape[1])
         return self.fc2(x)  # (B, C, H, W)
 
 
 class Block(nn.Module):
-    """x += CPE(x); x += γ1·Attention(LN(x)); x += γ2·FFN(LN(x)), each branch with DropPath."""
+    """x += CPE(x); x += γ1·Attention(LN(x)); x += γ2·FFN(LN(x)), the last two with DropPath."""
 
     def __init__(self, dim, num_heads, kind, mlp_ratio, drop_path, layer_scale, compile_attn):
         super().__init__()
@@ -329,12 +329,12 @@ class RAVLT(nn.Module):
         self.patch_embed = nn.Module()  # a namespace, so that the keys read patch_embed.proj.*
         self.patch_embed.proj = stem(cfg.in_chans, cfg.dims[0])
         n = sum(cfg.depths)  # stochastic depth: the drop-path rate grows linearly from 0 over all n blocks
-        rates = iter([cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)])
+        rates = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         out_dims = [*cfg.dims[1:], None]  # each stage downsamples to the next one's width, the last not
         self.layers = nn.ModuleList(
             Stage(cfg.dims[i], out_dims[i], cfg.heads[i], cfg.attn[i], cfg.mlp_ratio,
-                  [next(rates) for _ in range(depth)], cfg.layer_scale_init[i], compile_attn)
-            for i, depth in enumerate(cfg.depths))
+                  rates[sum(cfg.depths[:i]):sum(cfg.depths[:i + 1])], cfg.layer_scale_init[i], compile_attn)
+            for i in range(len(cfg.dims)))
         self.num_features, self.head_hidden_size = cfg.dims[-1], cfg.head_hidden
         if out_norm:  # the release's COCO/ADE20K backbones: a LayerNorm on each stage output
             self.extra_norms = nn.ModuleList(LayerNorm2d(dim) for dim in cfg.dims)
@@ -388,7 +388,7 @@ class RAVLT(nn.Module):
         return x.flatten(1) if pre_logits else self.head(x).flatten(1)  # (B, head_hidden) or (B, classes)
 
     def forward(self, x):
-        if self.features_only:  # [(B, C_i, H/2^(i+2), W/2^(i+2)) for i in 0..3]
+        if self.features_only:  # [(B, C_i, H/2^(i+1), W/2^(i+1)) for i in 1..4]
             features = self.forward_stages(x)
             norms = getattr(self, "extra_norms", None)  # out_norm=True: the release's detection LNs
             return features if norms is None else [norm(f) for norm, f in zip(norms, features)]
@@ -401,7 +401,7 @@ class RAVLT(nn.Module):
             raise ValueError(f"no block {block} in stage {stage}; depths are {self.cfg.depths}")
         attn, seen = self.layers[stage].blocks[block].attn, {}
         # run the real forward (eval mode: BatchNorm statistics untouched) and catch attn's input
-        hook = attn.register_forward_pre_hook(lambda module, args: seen.setdefault("args", args))
+        hook = attn.register_forward_pre_hook(lambda module, args: seen.update(args=args))
         was_training = self.training
         try:
             self.eval().forward_stages(x)
@@ -434,7 +434,7 @@ def read_checkpoint(path):
             raise ValueError(f"checkpoint {path} is truncated: its saving or copying stopped early") from None
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         unsafe = [line.split(". ")[0] for line in lines if line.startswith("WeightsUnpickler error:")]
-        raise ValueError(f"cannot read checkpoint {path}: {(unsafe or lines)[0]}") from None  # the point
+        raise ValueError(f"cannot read checkpoint {path}: {(unsafe or lines)[0]}") from None
 
 
 def _state_dict(ckpt, name, use_ema):
