@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -1542,6 +1543,15 @@ def test_bench_quick_runs_and_prints_every_section(capsys):
     layer_rows = [r for r in rows if r[:2] in (["8", "64"], ["16", "256"])]
     assert len(layer_rows) == 2  # RALA and softmax at two sizes
     assert any(r[:1] == ["96x128"] for r in rows)  # the high-resolution table
+    scaling = next(line for line in out.splitlines() if line.startswith("64x64 -> 96x128"))
+    assert "(3.00× the pixels), time ×: hybrid " in scaling and ", fully linear " in scaling
+
+
+def test_bench_ratio_is_taken_within_rounds():
+    # round 2 ran on a machine twice as slow: both of its timings doubled, their ratio did not
+    ours, theirs = [1.0, 2.0, 1.0], [2.0, 4.0, 2.2]
+    assert bench.ratio(theirs, ours) == 2.0  # the median of 2.0, 2.0, 2.2
+    assert statistics.median(theirs) / statistics.median(ours) == 2.2  # what a ratio of medians says
 
 
 def test_bench_refuses_zero_rounds(capsys):

@@ -79,11 +79,10 @@ def peak_mb(fn, device):
 
 
 def measure(fns, device, repeats):
-    """(seconds per call, speed relative to fns[0], extra peak MB) of each fn, medians over `repeats`
-    rounds. After a warm-up call each (which also compiles), one timed call sets how many calls one
-    timing spans (≥ 50 ms). Each round times every fn once, in an order that rotates from round to
-    round (no fn always first); the relative speed is the median of the ratios within a round, whose
-    timings are seconds apart, so that a change of the machine's speed between rounds cancels out."""
+    """Seconds per call of each fn in each of `repeats` rounds, and its extra peak MB. After a warm-up
+    call each (which also compiles), one timed call sets how many calls one timing spans (≥ 50 ms).
+    Each round times every fn once, in an order that rotates from round to round (no fn always
+    first); compare fns with `ratio`, within rounds."""
     def timed(fn, calls):
         torch.cuda.synchronize() if device.type == "cuda" else None
         start = time.perf_counter()
@@ -99,8 +98,13 @@ def measure(fns, device, repeats):
     for r in range(repeats):
         for i in [(r + j) % n for j in range(n)]:  # each round starts one further: no fn always first
             times[i].append(timed(fns[i], calls[i]))
-    return [(statistics.median(ts), statistics.median(t0 / t for t0, t in zip(times[0], ts)),
-             peak_mb(fn, device)) for ts, fn in zip(times, fns)]
+    return times, [peak_mb(fn, device) for fn in fns]
+
+
+def ratio(a, b):
+    """Median over rounds of time a / time b, both timed in the same round: the two timings of a ratio
+    are seconds apart, so that a change of the machine's speed between rounds cancels out."""
+    return statistics.median(ta / tb for ta, tb in zip(a, b))
 
 
 def load_release(path):
@@ -197,10 +201,12 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
 
             infer.append(run(lambda model=model: model.eval()(x)))
             train.append(run(train_step, grad=True))
-        rows = zip(paths, measure(infer, device, repeats), measure(train, device, repeats))
-        for path, (t_inf, x_inf, mb_inf), (t_train, x_train, mb_train) in rows:
-            print(f"{name:<15}{path:<22}{macs:>6.2f}{batch / t_inf:>12.1f}{x_inf:>6.2f}"
-                  f"{mb_inf:>7.0f}{train_batch / t_train:>12.2f}{x_train:>6.2f}{mb_train:>7.0f}")
+        (t_inf, mb_inf), (t_train, mb_train) = measure(infer, device, repeats), measure(train, device, repeats)
+        for i, path in enumerate(paths):  # img/s from the median time; x: speed-up over the first row
+            print(f"{name:<15}{path:<22}{macs:>6.2f}"
+                  f"{batch / statistics.median(t_inf[i]):>12.1f}{ratio(t_inf[0], t_inf[i]):>6.2f}{mb_inf[i]:>7.0f}"
+                  f"{train_batch / statistics.median(t_train[i]):>12.2f}{ratio(t_train[0], t_train[i]):>6.2f}"
+                  f"{mb_train[i]:>7.0f}")
 
     header = f"{'model':<15}{'path':<22}{'GMACs':>6}{'infer img/s':>12}{'x':>6}{'MB':>7}{'train img/s':>12}{'x':>6}{'MB':>7}"
     if "models" in sections:
@@ -246,9 +252,10 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
                 rel_layer.load_state_dict(rala_layer.state_dict())
                 rel_sin, rel_cos = release.RoPE(64, 1).to(device)((side, side))
                 calls.append(run(lambda: rel_layer(xl, rel_sin, rel_cos)))
-            results = measure(calls, device, repeats)
-            print(f"{side:>5}{side * side:>8}" + "".join(f"{t * 1e3:>9.2f} |{mb:>5.0f}" for t, _, mb in results)
-                  + (f"{1 / results[2][1]:>10.2f}" if release else ""))
+            times, mbs = measure(calls, device, repeats)
+            print(f"{side:>5}{side * side:>8}" + "".join(
+                f"{statistics.median(t) * 1e3:>9.2f} |{mb:>5.0f}" for t, mb in zip(times, mbs))
+                  + (f"{ratio(times[2], times[0]):>10.2f}" if release else ""))
 
     if "highres" in sections:
         ref, hybrid = twin(variants[0], features_only=True)
@@ -261,11 +268,20 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
         print(f"\nhigh resolution, batch 1, inference, {variants[0]} backbone (features_only): s | extra peak MB")
         print(f"{'input':>10}{'hybrid':>16}{'fully linear':>16}"
               + ("         release  x (release / hybrid)" if ref is not None else ""))
-        for h, w in highres:
-            xh = torch.randn(1, 3, h, w, device=device)
-            results = measure([run(lambda b=b: b(xh)) for b in backbones], device, repeats)
-            print(f"{h}x{w}".rjust(10) + "".join(f"{t:>9.3f} |{mb:>5.0f}" for t, _, mb in results)
-                  + (f"{1 / results[2][1]:>10.2f}" if ref is not None else ""))
+        # every size in every round, so that the ratios between sizes are taken within rounds too
+        inputs = [torch.randn(1, 3, h, w, device=device) for h, w in highres]
+        calls = [run(lambda b=b, xh=xh: b(xh)) for xh in inputs for b in backbones]  # size-major
+        times, mbs = measure(calls, device, repeats)
+        k = len(backbones)
+        for i, (h, w) in enumerate(highres):
+            t, mb = times[i * k:(i + 1) * k], mbs[i * k:(i + 1) * k]
+            print(f"{h}x{w}".rjust(10)
+                  + "".join(f"{statistics.median(ti):>9.3f} |{m:>5.0f}" for ti, m in zip(t, mb))
+                  + (f"{ratio(t[2], t[0]):>10.2f}" if ref is not None else ""))
+        (h0, w0), (h1, w1) = highres[:2]
+        names = ["hybrid", "fully linear", "release"][:k]
+        print(f"{h0}x{w0} -> {h1}x{w1} ({h1 * w1 / (h0 * w0):.2f}× the pixels), time ×: "
+              + ", ".join(f"{name} {ratio(times[k + j], times[j]):.2f}" for j, name in enumerate(names)))
 
 
 def main(argv=None):
