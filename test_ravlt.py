@@ -1554,6 +1554,29 @@ def test_bench_ratio_is_taken_within_rounds():
     assert statistics.median(theirs) / statistics.median(ours) == 2.2  # what a ratio of medians says
 
 
+@slow  # two fresh processes
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_bench_reuse_freed_memory_ends_fresh_pages_for_large_tensors():
+    script = """if True:  # in a fresh process: the setting holds for the whole process
+        import resource, sys, torch, bench.__main__ as bench
+        if sys.argv[1] == "reuse":
+            bench.reuse_freed_memory()
+        x, counts = torch.ones(2**24), []  # 64 MiB
+        for _ in range(6):  # page faults of each of six computations that make a 64 MiB tensor
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            (x * 2).exp_()
+            counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        print(min(counts))"""
+    faults = {}
+    for mode in ("default", "reuse"):
+        out = subprocess.run([sys.executable, "-c", script, mode], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        faults[mode] = int(out.stdout)
+    assert faults["default"] >= 32  # fresh pages every time: 16384 of 4 KiB (or 32 huge pages of 2 MiB)
+    assert faults["reuse"] < faults["default"] / 10
+
+
 def test_bench_refuses_zero_rounds(capsys):
     for flag in ("--repeats", "--batch"):
         with pytest.raises(SystemExit) as exit_info:

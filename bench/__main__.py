@@ -11,6 +11,7 @@ round, so that a change of the machine's speed between rounds cancels out. Times
 Memory: the extra peak of one call.
 """
 import argparse
+import ctypes
 import importlib.util
 import math
 import statistics
@@ -105,6 +106,17 @@ def ratio(a, b):
     """Median over rounds of time a / time b, both timed in the same round: the two timings of a ratio
     are seconds apart, so that a change of the machine's speed between rounds cancels out."""
     return statistics.median(ta / tb for ta, tb in zip(a, b))
+
+
+def reuse_freed_memory():
+    """Have glibc's malloc keep freed memory for reuse. By default it maps every block over 32 MiB
+    afresh (mmap) and returns it when freed, so that each such tensor costs page faults that zero
+    its memory, at every call (on CUDA, PyTorch's caching allocator reuses memory instead)."""
+    libc = ctypes.CDLL(None)
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
+    if not (hasattr(libc, "mallopt") and libc.mallopt(M_MMAP_THRESHOLD, 2**30)
+            and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        raise SystemExit("--reuse-freed-memory needs glibc's malloc (Linux)")
 
 
 def load_release(path):
@@ -299,9 +311,14 @@ def main(argv=None):
                         choices=["models", "ablation", "layer", "highres"], help="parts to run")
     parser.add_argument("--release-file", help="the release's RALA.py, timed side by side on the same "
                         "weights (needs timm, einops and fvcore)")
+    parser.add_argument("--reuse-freed-memory", action="store_true", help="glibc keeps freed memory for "
+                        "reuse: no fresh, zeroed pages for each tensor over 32 MiB (see bench/README.md)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.batch < 1:
         parser.error("--repeats and --batch must be at least 1")
+    if args.reuse_freed_memory:
+        reuse_freed_memory()
+        print("malloc: freed memory reused (glibc mmap threshold 1 GiB, trim threshold 2 GiB)")
     if args.threads:
         torch.set_num_threads(args.threads)
     compile = args.compile or args.device.startswith("cuda")
