@@ -112,10 +112,12 @@ def reuse_freed_memory():
     """Have glibc's malloc keep freed memory for reuse. By default it maps every block over 32 MiB
     afresh (mmap) and returns it when freed, so that each such tensor costs page faults that zero
     its memory, at every call (on CUDA, PyTorch's caching allocator reuses memory instead)."""
-    libc = ctypes.CDLL(None)
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
-    if not (hasattr(libc, "mallopt") and libc.mallopt(M_MMAP_THRESHOLD, 2**30)
-            and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
+    except (AttributeError, OSError, TypeError):  # macOS, Windows: no mallopt
+        mallopt = None
+    if not (mallopt and mallopt(M_MMAP_THRESHOLD, 2**30) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
         raise SystemExit("--reuse-freed-memory needs glibc's malloc (Linux)")
 
 
