@@ -6,9 +6,10 @@
     python -m bench --quick                      # tiny sizes, in seconds (a test runs all sections)
 
 Method (see bench/README.md): the models of one table are timed in rounds, one timing (≥ 50 ms of
-calls) each per round, in one process; a speed-up is the median over rounds of the ratio within a
-round, so that a change of the machine's speed between rounds cancels out. Times are medians too.
-Memory: the extra peak of one call.
+calls) each per round, in one process; a speed-up, like the growth of time from one input size to
+the next, is the median over rounds of the ratio within a round, so that a change of the machine's
+speed between rounds cancels out. Times are medians too. Memory: the extra peak of one call.
+--reuse-freed-memory: glibc reuses freed memory instead of fresh pages for each tensor over 32 MiB.
 """
 import argparse
 import ctypes
@@ -80,10 +81,10 @@ def peak_mb(fn, device):
 
 
 def measure(fns, device, repeats):
-    """Seconds per call of each fn in each of `repeats` rounds, and its extra peak MB. After a warm-up
-    call each (which also compiles), one timed call sets how many calls one timing spans (≥ 50 ms).
-    Each round times every fn once, in an order that rotates from round to round (no fn always
-    first); compare fns with `ratio`, within rounds."""
+    """(times, mbs): times[i] holds fn i's seconds per call, one per round (`repeats` rounds); mbs[i]
+    its extra peak MB. After a warm-up call each (which also compiles), one timed call sets how many
+    calls one timing spans (≥ 50 ms). Each round times every fn once, in an order that rotates from
+    round to round (no fn always first); compare fns with `ratio`, within rounds."""
     def timed(fn, calls):
         torch.cuda.synchronize() if device.type == "cuda" else None
         start = time.perf_counter()
@@ -103,8 +104,8 @@ def measure(fns, device, repeats):
 
 
 def ratio(a, b):
-    """Median over rounds of time a / time b, both timed in the same round: the two timings of a ratio
-    are seconds apart, so that a change of the machine's speed between rounds cancels out."""
+    """Median over rounds of time a / time b, both taken in the same round, so that a change of the
+    machine's speed between rounds cancels out."""
     return statistics.median(ta / tb for ta, tb in zip(a, b))
 
 
@@ -112,12 +113,13 @@ def reuse_freed_memory():
     """Have glibc's malloc keep freed memory for reuse. By default it maps every block over 32 MiB
     afresh (mmap) and returns it when freed, so that each such tensor costs page faults that zero
     its memory, at every call (on CUDA, PyTorch's caching allocator reuses memory instead)."""
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
     except (AttributeError, OSError, TypeError):  # macOS, Windows: no mallopt
         mallopt = None
-    if not (mallopt and mallopt(M_MMAP_THRESHOLD, 2**30) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+    # no block of its own for large requests (mmap), and no return of freed memory below 2 GiB
+    if not (mallopt and mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
         raise SystemExit("--reuse-freed-memory needs glibc's malloc (Linux)")
 
 
@@ -292,10 +294,11 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
             print(f"{h}x{w}".rjust(10)
                   + "".join(f"{statistics.median(ti):>9.3f} |{m:>5.0f}" for ti, m in zip(t, mb))
                   + (f"{ratio(t[2], t[0]):>10.2f}" if ref is not None else ""))
-        (h0, w0), (h1, w1) = highres[:2]
-        names = ["hybrid", "fully linear", "release"][:k]
-        print(f"{h0}x{w0} -> {h1}x{w1} ({h1 * w1 / (h0 * w0):.2f}× the pixels), time ×: "
-              + ", ".join(f"{name} {ratio(times[k + j], times[j]):.2f}" for j, name in enumerate(names)))
+        if len(highres) > 1:
+            (h0, w0), (h1, w1) = highres[:2]
+            names = ["hybrid", "fully linear", "release"][:k]
+            print(f"{h0}x{w0} -> {h1}x{w1} ({h1 * w1 / (h0 * w0):.2f}× the pixels), time ×: "
+                  + ", ".join(f"{name} {ratio(times[k + j], times[j]):.2f}" for j, name in enumerate(names)))
 
 
 def main(argv=None):
@@ -320,7 +323,7 @@ def main(argv=None):
         parser.error("--repeats and --batch must be at least 1")
     if args.reuse_freed_memory:
         reuse_freed_memory()
-        print("malloc: freed memory reused (glibc mmap threshold 1 GiB, trim threshold 2 GiB)")
+        print("malloc: freed memory reused (glibc: no mmap for large blocks, trim threshold 2 GiB)")
     if args.threads:
         torch.set_num_threads(args.threads)
     compile = args.compile or args.device.startswith("cuda")
