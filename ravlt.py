@@ -63,7 +63,10 @@ class LayerNorm2d(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x):
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # normalise C, the last dim
+        # normalise C, the last dim once permuted; then scale and shift each channel of the map (an
+        # affine before the permute back breaks torch.compile on varying sizes: pytorch#172204)
+        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=self.norm.eps).permute(0, 3, 1, 2)
+        return x * self.norm.weight[:, None, None] + self.norm.bias[:, None, None]  # (B, C, H, W)
 
 
 class DropPath(nn.Module):
@@ -81,9 +84,9 @@ class DropPath(nn.Module):
 
 
 class RoPE2d(nn.Module):
-    """2D rotary position embedding. forward(H, W) gives e^{iθ}, (N, d/2) complex64: the rotation of
-    each channel pair x_2i + i·x_2i+1 of token (r, c), θ = r·ω for the first d/4 pairs (rows) and
-    c·ω for the last d/4 (columns), with frequencies ω_m = 10000^(-m/(d/4-1)), m = 0 .. d/4-1."""
+    """2D rotary position embedding. forward(H, W) gives (cos θ, sin θ), each (d/2, N): the angle by
+    which channel pair (x_2i, x_2i+1) of token (r, c) turns, θ = r·ω for the first d/4 pairs (rows)
+    and c·ω for the last d/4 (columns), with frequencies ω_m = 10000^(-m/(d/4-1)), m = 0 .. d/4-1."""
 
     def __init__(self, head_dim):
         super().__init__()
@@ -99,22 +102,22 @@ class RoPE2d(nn.Module):
 
     def forward(self, H, W):
         # ω in float32, not from `angle`: a bf16 buffer would shift far angles by tenths of a radian
-        omega = self.frequencies(self.angle.device)  # (d/4,)
-        rows = torch.arange(H, device=omega.device, dtype=torch.float32)[:, None, None]  # (H, 1, 1)
-        cols = torch.arange(W, device=omega.device, dtype=torch.float32)[None, :, None]  # (1, W, 1)
-        theta = torch.cat(torch.broadcast_tensors(rows * omega, cols * omega), -1)  # (H, W, d/2)
-        return torch.polar(torch.ones_like(theta), theta).flatten(0, 1)  # (N, d/2): token r·W + c
+        omega = self.frequencies(self.angle.device)[:, None, None]  # (d/4, 1, 1)
+        rows = torch.arange(H, device=omega.device, dtype=torch.float32)[:, None]  # (H, 1)
+        cols = torch.arange(W, device=omega.device, dtype=torch.float32)[None, :]  # (1, W)
+        theta = torch.cat(((omega * rows).expand(-1, H, W), (omega * cols).expand(-1, H, W)))  # (d/2, H, W)
+        theta = theta.flatten(1)  # (d/2, N): token r·W + c
+        return theta.cos(), theta.sin()
 
 
 def rope(x, rot):
-    """Rotate every channel pair of x (..., d, N) by its angle: one complex product per pair,
-    (x_2i + i·x_2i+1)·e^{iθ} = (x_2i·cos θ - x_2i+1·sin θ) + i·(x_2i+1·cos θ + x_2i·sin θ)."""
-    xt = x.transpose(-2, -1).to(torch.promote_types(x.dtype, torch.float32))  # (..., N, d), ≥ fp32
-    if xt.stride(-1) != 1 or xt.storage_offset() % 2 or any(s % 2 for s in xt.stride()[:-1]):
-        xt = xt.contiguous()  # a complex view needs each pair side by side, at an even offset
-    pairs = torch.view_as_complex(xt.unflatten(-1, (-1, 2)))  # (..., N, d/2) complex
-    out = torch.view_as_real(pairs * rot).flatten(-2)  # (..., N, d/2, 2) -> (..., N, d)
-    return out.to(x.dtype).transpose(-2, -1)  # (..., d, N)
+    """Rotate every channel pair of x (..., d, N) by its angle θ: the complex product
+    (x_2i + i·x_2i+1)·e^{iθ} = (x_2i·cos θ - x_2i+1·sin θ) + i·(x_2i+1·cos θ + x_2i·sin θ),
+    in real arithmetic, for which torch.compile generates fused code (complex ops it leaves to eager)."""
+    cos, sin = rot  # (d/2, N) each
+    x1, x2 = x.unflatten(-2, (-1, 2)).unbind(-2)  # (..., d/2, 2, N) -> 2 × (..., d/2, N): x_2i, x_2i+1
+    out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -2)  # (..., d/2, 2, N), ≥ float32
+    return out.flatten(-3, -2).to(x.dtype)  # (..., d, N)
 
 
 def phi(x):
@@ -139,7 +142,7 @@ def rala(q, k, v, rot, eps=1e-6):
     | z        | z          | (B, h, 1, N)  | normaliser 1 / (φ(q_i)·mean_j K̃_j)               |
     | S        | kv         | (B, h, d, d)  | the KV buffer Σ_j RoPE(K̃_j)ᵀ v_j / N             |
     | Y        | y          | (B, h, d, N)  | output, before the gate o and LePE               |
-    | e^{iθ}   | rot        | (N, d/2)      | RoPE's rotation of each channel pair (complex)   |
+    | e^{iθ}   | rot        | 2 × (d/2, N)  | RoPE's cos θ, sin θ per channel pair and token   |
     """
     N, d, dtype = q.shape[-1], q.shape[-2], v.dtype
     # Sums over N tokens and the 1/(…) normaliser lose too much precision in bf16/fp16,
@@ -213,7 +216,8 @@ class Attention(nn.Module):
         B, C, H, W = x.shape
         q, k, v, o = self.qkvo(x).chunk(4, dim=1)  # (B, 4C, H, W) -> 4 × (B, C, H, W)
         q, k, v = (t.reshape(B, self.num_heads, -1, H * W) for t in (q, k, v))  # (B, h, d, N)
-        return q, k, v, o
+        # q, k copied out of the qkvo map: a compiled backward over varying sizes mis-strides views of it
+        return q.contiguous(), k.contiguous(), v, o
 
     def forward(self, x, rot):
         B, C, H, W = x.shape
@@ -294,7 +298,7 @@ class Stage(nn.Module):
         self.downsample = downsample(dim, out_dim) if out_dim else None  # RAVLT.forward_stages calls it
 
     def forward(self, x):
-        rot = self.RoPE(*x.shape[-2:])  # (N, d/2)
+        rot = self.RoPE(*x.shape[-2:])  # (cos θ, sin θ), each (d/2, N)
         for block in self.blocks:
             x = block(x, rot)
         return x

@@ -125,9 +125,13 @@ def test_rope_tables_follow_spec():
     expected = torch.tensor([10000.0 ** (-m / (d4 - 1)) for m in range(d4)]).repeat_interleave(2)
     torch.testing.assert_close(rope.angle, expected)
     x = torch.randn(1, 1, 3 * 4, 16)
-    rot = rope(3, 4)  # one unit complex number e^{iθ} per token and channel pair
-    assert rot.shape == (12, 8) and rot.dtype == torch.complex64
-    torch.testing.assert_close(rot.abs(), torch.ones(12, 8))
+    cos, sin = rot = rope(3, 4)  # cos θ and sin θ per channel pair and token
+    assert cos.shape == sin.shape == (8, 12) and cos.dtype == sin.dtype == torch.float32
+    torch.testing.assert_close(cos ** 2 + sin ** 2, torch.ones(8, 12))
+    # token (r, c) = (2, 3) is number 2·4 + 3: pair 1 turns by r·ω_1, pair 5 (columns) by c·ω_1
+    omega_1 = 10000.0 ** (-1 / 3)
+    torch.testing.assert_close(sin[1, 11], torch.tensor(math.sin(2 * omega_1)))
+    torch.testing.assert_close(sin[5, 11], torch.tensor(math.sin(3 * omega_1)))
     torch.testing.assert_close(ravlt.rope(heads_first(x), rot),
                                heads_first(spec_rope(x, 3, 4)).float(), atol=1e-5, rtol=1e-5)
 
@@ -203,7 +207,8 @@ def test_model_attention_matrices_are_those_of_the_real_forward():
 def test_rope_tables_stay_accurate_in_a_bf16_model():
     rot32 = ravlt.RoPE2d(64)(64, 64)
     rot16 = ravlt.RoPE2d(64).bfloat16()(64, 64)  # angles up to 63 rad: bf16 steps would be 0.25
-    assert rot16.dtype == torch.complex64 and torch.equal(rot16, rot32)
+    for t16, t32 in zip(rot16, rot32):
+        assert t16.dtype == torch.float32 and torch.equal(t16, t32)
 
 
 def test_state_dict_keys_are_the_release_layout():
@@ -406,6 +411,89 @@ def test_compiled_attention_gives_eager_gradients_on_cpu():
         F.cross_entropy(model.train()(x), target).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert rel_err(grads[1], grads[0]) < 1e-4
+
+
+# --- torch.compile of the whole model: one graph, all code generated, eager's numbers ---
+# The tests run CPU inductor; a GPU run traces the same graphs (dynamo and AOT autograd are device-blind).
+
+def compiled_calls(code):
+    """The kernels a wrapper that inductor generated calls besides its own: extern_kernels.* and
+    torch.ops.* (an op inductor cannot generate code for runs as such a fallback)."""
+    body = code[code.index("def call("):]
+    return [name for line in body.splitlines() if not line.lstrip().startswith("#")
+            for name in re.findall(r"\b(extern_kernels\.\w+|torch\.ops\.[\w.]+)\(", line)]
+
+
+@slow
+@pytest.mark.parametrize("name", list(ravlt.VARIANTS))
+def test_whole_model_is_one_graph(name):
+    # zero graph breaks, every variant and form: classifier, backbones with and without out-norms,
+    # fully linear, eval and training mode, and with the compiled cores (compile_attn) inside
+    forms = [dict(), dict(features_only=True), dict(features_only=True, out_norm=True), dict(attn=("rala",) * 4)]
+    forms += [dict(compile_attn=True)] if name == "ravlt_nano" else []
+    x = torch.randn(2, 3, 64, 48)
+    for kwargs in forms:
+        model = ravlt.create_model(name, **{"compile_attn": False, **kwargs})
+        for mode in (False, True):
+            torch._dynamo.reset()
+            explanation = torch._dynamo.explain(model.train(mode))(x)
+            assert explanation.graph_break_count == 0, (kwargs, explanation.break_reasons)
+            assert explanation.graph_count == 1, kwargs
+
+
+@slow
+def test_whole_model_compiled_equals_eager_and_is_all_generated_code():
+    from torch._inductor.utils import run_and_get_code
+    torch.manual_seed(0)
+    x, target = torch.randn(2, 3, 64, 48), torch.tensor([1, 7])
+    eager = randomize_(ravlt.create_model("ravlt_nano", compile_attn=False, drop_path_rate=0.0))
+    model = ravlt.create_model("ravlt_nano", compile_attn=False, drop_path_rate=0.0)
+    model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(x), eager.eval()(x), rtol=1e-5, atol=1e-5)
+    states = []
+    for net in (eager, compiled):  # one training step each: forward, backward, AdamW
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+
+        def step(net=net, opt=opt):
+            loss = F.cross_entropy(net.train()(x), target)
+            loss.backward()
+            opt.step()
+            return loss
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss, codes = run_and_get_code(step)
+        grads = torch.cat([p.grad.flatten() for p in net.parameters()])
+        states.append((loss.detach(), grads, [p.detach().clone() for p in net.parameters()], codes, caught))
+    (loss0, grads0, params0, _, _), (loss1, grads1, params1, codes, caught) = states
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert rel_err(grads1, grads0) < 1e-5
+    for p1, p0 in zip(params1, params0):
+        torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
+    # forward and backward are generated code, but for convolutions, matrix products and attention
+    assert len(codes) == 2  # one forward, one backward
+    calls = {call for code in codes for call in compiled_calls(code)}
+    allowed = r"extern_kernels\.(convolution|bmm|mm|addmm)|torch\.ops\.aten\.(convolution_backward|" \
+              r"_scaled_dot_product_\w+)\.default"
+    assert calls and not [c for c in calls if not re.fullmatch(allowed, c)], calls
+    assert not [w for w in caught if "complex" in str(w.message)]
+
+
+@slow
+def test_whole_model_compiles_twice_over_five_sizes():
+    # the second size makes height and width dynamic: later sizes reuse that graph
+    from torch._dynamo.testing import CompileCounterWithBackend
+    model = randomize_(ravlt.create_model("ravlt_nano", compile_attn=False)).eval()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for size in ((64, 64), (96, 80), (80, 112), (112, 72), (72, 96)):
+            x = torch.randn(2, 3, *size)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 2
 
 
 @pytest.mark.parametrize("name, dtype", [("ravlt_nano", torch.bfloat16), ("ravlt_nano", torch.float16),
@@ -1430,8 +1518,7 @@ def test_rope_equals_rotation_matrices(channels_last):
 
 
 def test_rope_keeps_float64_and_takes_any_layout():
-    # float64 stays float64 (gradcheck needs it); odd offsets and strides cannot be viewed as
-    # complex numbers in place, so rope copies them first
+    # float64 stays float64 (gradcheck needs it); any strides and offsets give the same numbers
     torch.manual_seed(0)
     d, H, W = 8, 3, 4
     rot = ravlt.RoPE2d(d)(H, W)
@@ -1539,8 +1626,8 @@ def test_bench_quick_runs_and_prints_every_section(capsys):
     model_row = next(r for r in rows if r[:2] == ["ravlt_nano", "ravlt.py"])
     assert float(model_row[3]) > 0 and float(model_row[6]) > 0  # inference and training img/s
     ablation = [" ".join(r[1:4]) for r in rows if r[:1] == ["ravlt_nano"]][1:]
-    assert [a.split(" 0.")[0] for a in ablation] == ["as is", "no channels-last", "real-valued RoPE",
-                                                    "dwconv unfolded"]
+    assert [a.split(" 0.")[0] for a in ablation] == ["as is", "no channels-last", "dwconv unfolded",
+                                                    "complex RoPE", "LN affine inside", "q, k as"]
     layer_rows = [r for r in rows if r[:2] in (["8", "64"], ["16", "256"])]
     assert len(layer_rows) == 2  # RALA and softmax at two sizes
     assert any(r[:1] == ["96x128"] for r in rows)  # the high-resolution table
@@ -1617,12 +1704,14 @@ def test_bench_ablation_forms_equal_the_model():
     d, H, W = 8, 3, 5
     x = torch.randn(2, 2, d, H * W)
     rot = ravlt.RoPE2d(d)(H, W)
-    torch.testing.assert_close(bench.rope_real(x, rot), ravlt.rope(x, rot))
+    torch.testing.assert_close(bench.rope_complex(x, rot), ravlt.rope(x, rot))
     model = randomize_(ravlt.create_model("ravlt_nano")).eval()
     x = torch.randn(1, 3, 40, 48)
     with torch.no_grad():
         ref = model(x)
-        for swaps in ({(ravlt.FFN, "forward"): bench.ffn_residual_sum}, {(ravlt, "rope"): bench.rope_real}):
+        for swaps in ({(ravlt.FFN, "forward"): bench.ffn_residual_sum}, {(ravlt, "rope"): bench.rope_complex},
+                      {(ravlt.LayerNorm2d, "forward"): bench.layer_norm_affine_inside},
+                      {(ravlt.Attention, "heads"): bench.heads_as_views}):
             plain = bench.Without(model, swaps)(x)
             torch.testing.assert_close(plain, ref, rtol=1e-5, atol=1e-5)
         assert ravlt.FFN.forward is not bench.ffn_residual_sum  # put back

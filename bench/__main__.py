@@ -12,6 +12,7 @@ speed between rounds cancels out. Times are medians too. Memory: the extra peak 
 --reuse-freed-memory: glibc reuses freed memory instead of fresh pages for each tensor over 32 MiB.
 """
 import argparse
+import copy
 import ctypes
 import importlib.util
 import math
@@ -27,6 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import ravlt
+
+COMPILED = ("compile_attn=True", "torch.compile(model)")  # the compiled rows of --compile
 
 
 def machine(device):
@@ -80,27 +83,31 @@ def peak_mb(fn, device):
     return tracker.peak / 2**20
 
 
+def timed(fn, device, calls=1):
+    """Seconds per call of fn over `calls` calls (a compiled fn's first call: compilation and one run)."""
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    return (time.perf_counter() - start) / calls
+
+
 def measure(fns, device, repeats):
     """(times, mbs): times[i] holds fn i's seconds per call, one per round (`repeats` rounds); mbs[i]
     its extra peak MB. After a warm-up call each (which also compiles), one timed call sets how many
     calls one timing spans (≥ 50 ms). Each round times every fn once, in an order that rotates from
     round to round (no fn always first); compare fns with `ratio`, within rounds."""
-    def timed(fn, calls):
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        return (time.perf_counter() - start) / calls
-
     for fn in fns:
         fn()  # warm-up (compiles, allocates); the next call sets how many calls one timing spans
-    calls = [max(1, math.ceil(0.05 / timed(fn, 1))) for fn in fns]
+    calls = [max(1, math.ceil(0.05 / timed(fn, device))) for fn in fns]
     times, n = [[] for _ in fns], len(fns)
     for r in range(repeats):
         for i in [(r + j) % n for j in range(n)]:  # each round starts one further: no fn always first
-            times[i].append(timed(fns[i], calls[i]))
-    return times, [peak_mb(fn, device) for fn in fns]
+            times[i].append(timed(fns[i], device, calls[i]))
+    # compiled code allocates outside the dispatcher, where LiveTensorBytes cannot see it
+    return times, [math.nan if device.type == "cpu" and getattr(fn, "compiled", False) else peak_mb(fn, device)
+                   for fn in fns]
 
 
 def ratio(a, b):
@@ -136,13 +143,26 @@ def load_release(path):
 # Speed tricks of ravlt.py, each with the plain form it replaces, for --sections ablation
 
 
-def rope_real(x, rot):
-    """RoPE as real arithmetic on (cos, sin), the textbook alternative to ravlt.rope's complex product."""
-    xt = x.transpose(-2, -1).float()  # (..., N, d)
-    even, odd = xt[..., 0::2], xt[..., 1::2]
-    cos, sin = rot.real, rot.imag  # (N, d/2)
-    out = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+def rope_complex(x, rot):
+    """RoPE as one complex product per channel pair (LLaMA's form), which inductor leaves to eager:
+    the alternative to ravlt.rope's real arithmetic, for eager speed."""
+    cos, sin = rot  # (d/2, N) each
+    pairs = torch.view_as_complex(x.transpose(-2, -1).float().unflatten(-1, (-1, 2)).contiguous())  # (..., N, d/2)
+    out = torch.view_as_real(pairs * torch.complex(cos, sin).T).flatten(-2)  # (..., N, d)
     return out.to(x.dtype).transpose(-2, -1)
+
+
+def layer_norm_affine_inside(self, x):
+    """LayerNorm2d.forward with nn.LayerNorm's own affine, before the permute back (one pass less)."""
+    return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def heads_as_views(self, x):
+    """Attention.heads with q and k left as views into the qkvo map (no copy)."""
+    B, C, H, W = x.shape
+    q, k, v, o = self.qkvo(x).chunk(4, dim=1)
+    q, k, v = (t.reshape(B, self.num_heads, -1, H * W) for t in (q, k, v))
+    return q, k, v, o
 
 
 def without_channels_last(model):
@@ -205,8 +225,8 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
     xt, target = x[:train_batch], torch.randint(0, 1000, (train_batch,), device=device)
 
     def time_models(name, paths, macs):  # one row per path: inference, then a training step
-        infer, train = [], []
-        for model in paths.values():
+        infer, train, first = [], [], []
+        for path, model in paths.items():
             model.to(device)
             opt = torch.optim.AdamW(model.parameters())
 
@@ -217,39 +237,50 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
 
             infer.append(run(lambda model=model: model.eval()(x)))
             train.append(run(train_step, grad=True))
+            if path in COMPILED:  # the first calls compile: timed apart, and no CPU memory count
+                first.append(f"{timed(infer[-1], device):>9.1f}{timed(train[-1], device):>9.1f}")
+                infer[-1].compiled = train[-1].compiled = True
+            else:
+                first.append("")
         (t_inf, mb_inf), (t_train, mb_train) = measure(infer, device, repeats), measure(train, device, repeats)
         for i, path in enumerate(paths):  # img/s from the median time; x: speed-up over the first row
             print(f"{name:<15}{path:<22}{macs:>6.2f}"
                   f"{batch / statistics.median(t_inf[i]):>12.1f}{ratio(t_inf[0], t_inf[i]):>6.2f}{mb_inf[i]:>7.0f}"
                   f"{train_batch / statistics.median(t_train[i]):>12.2f}{ratio(t_train[0], t_train[i]):>6.2f}"
-                  f"{mb_train[i]:>7.0f}")
+                  f"{mb_train[i]:>7.0f}{first[i]}")
 
-    header = f"{'model':<15}{'path':<22}{'GMACs':>6}{'infer img/s':>12}{'x':>6}{'MB':>7}{'train img/s':>12}{'x':>6}{'MB':>7}"
+    header = (f"{'model':<15}{'path':<22}{'GMACs':>6}{'infer img/s':>12}{'x':>6}{'MB':>7}{'train img/s':>12}"
+              f"{'x':>6}{'MB':>7}" + ("  1st call s: infer, train" if compile else ""))
     if "models" in sections:
         print(f"\nwhole models, {size}², inference batch {batch}, training step batch {train_batch}\n{header}")
         for name in variants:
             ref, ours = twin(name)
             paths = {"release": ref, "ravlt.py": ours} if ref is not None else {"ravlt.py": ours}
-            if compile:
-                paths["ravlt.py compiled"] = ravlt.create_model(name, compile_attn=True)
-                paths["ravlt.py compiled"].load_state_dict(ours.state_dict())
+            if compile:  # the same weights compiled: the attention cores alone, and the whole model
+                cores = ravlt.create_model(name, compile_attn=True)
+                cores.load_state_dict(ours.state_dict())
+                paths[COMPILED[0]], paths[COMPILED[1]] = cores, torch.compile(copy.deepcopy(ours))
             time_models(name, paths, ravlt.count_macs(ours, size) / 1e9)
         for name, model in (references or {}).items():
             model = model.to(memory_format=torch.channels_last)
             time_models(name, {"reference": model}, ravlt.count_macs(model, size) / 1e9)
 
     if "ablation" in sections:  # each trick off, alone; the first row has all of them on
-        print(f"\nspeed tricks of ravlt.py, {variants[0]} ({size}²): each row turns one off\n{header}")
+        print(f"\nspeed tricks and compile-friendly forms of ravlt.py, eager, {variants[0]} ({size}²): each row "
+              f"swaps one for its alternative\n{header}")
         _, base = twin(variants[0])
         macs = ravlt.count_macs(base, size) / 1e9
-        copies = [twin(variants[0])[1] for _ in range(3)]
+        copies = [twin(variants[0])[1] for _ in range(5)]
         for copy in copies:
             copy.load_state_dict(base.state_dict())
         time_models(variants[0], {
             "as is": base,
             "no channels-last": without_channels_last(copies[0]),
-            "real-valued RoPE": Without(copies[1], {(ravlt, "rope"): rope_real}),
-            "dwconv unfolded": Without(copies[2], {(ravlt.FFN, "forward"): ffn_residual_sum}),
+            "dwconv unfolded": Without(copies[1], {(ravlt.FFN, "forward"): ffn_residual_sum}),
+            # forms that torch.compile needs, against the eager alternative each replaces
+            "complex RoPE": Without(copies[2], {(ravlt, "rope"): rope_complex}),
+            "LN affine inside": Without(copies[3], {(ravlt.LayerNorm2d, "forward"): layer_norm_affine_inside}),
+            "q, k as views": Without(copies[4], {(ravlt.Attention, "heads"): heads_as_views}),
         }, macs)
 
     if "layer" in sections:
@@ -310,7 +341,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7, help="rounds per measurement (medians kept)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action="store_true", help="also time compile_attn=True (always on CUDA)")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled paths, "
+                        "compile_attn=True and torch.compile(model), first calls apart (always on CUDA)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--sections", nargs="+", default=["models", "layer", "highres"],
                         choices=["models", "ablation", "layer", "highres"], help="parts to run")
