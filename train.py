@@ -6,13 +6,20 @@ Train or evaluate RAVLT on CIFAR, ImageNet or any ImageNet-layout folder, in one
     python train.py --dataset imagenet --data-path DIR --eval-only --resume RAVLT_T.pth
     python train.py --model ravlt_t --pretrained --dataset cifar100 --input-size 224 --lr 4e-4 --epochs 30
 
+The recipe, `run`, in order: check the flags; read --resume's checkpoint; resolve the defaults (the
+model and data a checkpoint was trained on, then the dataset's preset); check what a resume changes
+and the output folder; read --pretrained's weights; build the datasets, the model, the data loaders,
+the optimizer with its learning-rate schedule, and the EMA; restore --resume's state; then each epoch
+train, evaluate and save. Bad input fails in one line before any work; nothing is written before the
+first epoch starts, and a new run never replaces another run's checkpoint.
+
 With --dataset imagenet (or fake) the defaults are the release's ImageNet recipe (DeiT's): AdamW at 5e-4 per 512
 images of global batch, weight decay 0.05 (none on 1-D parameters), 5 warm-up epochs from 1e-6 then
 cosine to 1e-5, label smoothing 0.1, MixUp 0.8 / CutMix 1.0, RandAugment, random erasing 0.25,
 repeated augmentation ×3, an EMA of the weights, SyncBatchNorm, mixed precision, 300 epochs.
 `--dataset cifar10|cifar100` switches to a small-image preset (PRESETS). After every epoch one JSON
 line goes to OUTPUT_DIR/log.jsonl and OUTPUT_DIR/checkpoint.pth is replaced; `--resume` continues
-from it exactly as if the run had never stopped.
+from it exactly as if the run had never stopped, and with a larger --epochs extends it.
 """
 import argparse
 import dataclasses
@@ -21,8 +28,8 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
-import tempfile
 import time
 import warnings
 
@@ -31,7 +38,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets
@@ -51,7 +57,13 @@ PRESETS = {
                   repeated_aug=False, model_ema=False, workers=min(4, CORES)),
 }
 RA_REPEATS = 3  # repeated augmentation: copies of each image per epoch, as DeiT and the release
-TRAIN_STATE = ("model", "optimizer", "scheduler", "scaler", "epoch", "rng", "sampler")
+TRAIN_STATE = ("model", "optimizer", "scaler", "epoch", "rng", "sampler")
+# --resume and --eval-only take these from the checkpoint's saved flags unless given ("what" was trained)
+SAVED_DEFAULTS = ("model", "input_size")
+DATA_FLAGS = ("dataset", "data_path", "fake_samples")  # taken together, with --dataset
+# flags whose change on --resume does not alter the training itself (batch size: stated as global batch)
+NOT_RECIPE = {"resume", "output_dir", "workers", "device", "compile", "eval_only", "pretrained", "seed",
+              "batch_size"}
 
 
 def fail(message):
@@ -95,16 +107,16 @@ def get_args_parser():
     p.error = fail  # one line instead of argparse's usage block followed by the error
     add = p.add_argument
     # model and data
-    add("--model", default="ravlt_t", choices=list(ravlt.VARIANTS), metavar="NAME",
-        help=f"variant: {', '.join(ravlt.VARIANTS)} (default: ravlt_t)")
+    add("--model", choices=list(ravlt.VARIANTS), metavar="NAME", help="variant: "
+        f"{', '.join(ravlt.VARIANTS)} (default: ravlt_t; with --resume, the checkpoint's, as for the data)")
     add("--drop-path", type=below_one, metavar="P",
         help="stochastic-depth probability of the last block (default: the variant's own, 0.1 for T)")
     add("--input-size", type=positive_int, metavar="PX", help="image side, pixels (default: 224; cifar 32)")
-    add("--dataset", default="cifar10", choices=["cifar10", "cifar100", "imagenet", "fake"],
+    add("--dataset", choices=["cifar10", "cifar100", "imagenet", "fake"],
         help="cifar10/cifar100 (downloaded when absent), imagenet (any folder DIR/train/<class>/, "
              "DIR/val/<class>/), fake (random images) (default: cifar10)")
     add("--data-path", metavar="DIR", help="dataset folder (default: ./data for cifar; needed for imagenet)")
-    add("--fake-samples", type=positive_int, default=512, metavar="N",
+    add("--fake-samples", type=positive_int, metavar="N",
         help="images in the fake training set; its val set has N/4 (default: 512)")
     add("--workers", type=natural, metavar="N", help="data-loading processes per process (default: the "
         f"cores this process may use, at most 8, here {PRESETS['imagenet']['workers']}; cifar at most 4)")
@@ -154,9 +166,11 @@ def get_args_parser():
     add("--seed", type=seed_int, default=0, metavar="N",
         help="random seed; process r augments with N + r (default: 0)")
     add("--output-dir", metavar="DIR",
-        help="folder for log.jsonl and checkpoint.pth (default: output/MODEL_DATASET)")
-    add("--resume", metavar="PATH", help="checkpoint.pth to continue from; with --eval-only, any "
-                                         "checkpoint ravlt.load_checkpoint reads (default: none)")
+        help="folder for log.jsonl and checkpoint.pth; a new run refuses one that holds a checkpoint "
+             "(default: output/MODEL_DATASET; with --resume, the checkpoint's folder)")
+    add("--resume", metavar="PATH", help="checkpoint.pth to continue from, on the model, data and input "
+        "size it holds unless given; other flags are this command's, a change stated; with --eval-only, "
+        "any checkpoint ravlt.load_checkpoint reads (default: none)")
     add("--pretrained", nargs="?", const=True, metavar="PATH",
         help="start from the release's ImageNet-1k weights for --model (no PATH; downloaded once into "
              "torch's hub cache) or from PATH (any checkpoint ravlt.load_checkpoint reads), with a new "
@@ -237,9 +251,12 @@ def build_datasets(args, rank, world):
         return sets, len(sets["val"].classes)
     cifar = datasets.CIFAR10 if args.dataset == "cifar10" else datasets.CIFAR100
     if rank == 0:  # one process downloads, the others wait at the barrier
+        made = first_missing(args.data_path)
         try:
             cifar(args.data_path, download=True)  # checks the files; downloads only when absent
         except (OSError, RuntimeError) as e:
+            if made:  # what the failed download created (it makes the folder first): leave no trace
+                shutil.rmtree(made, ignore_errors=True)
             fail(f"could not get {cifar.__name__} ({type(e).__name__}: {e}); offline? put {cifar.filename}"
                  f" from {cifar.url} (or its extracted {cifar.base_folder}/) into {args.data_path}/")
     if world > 1:
@@ -281,46 +298,254 @@ def build_transforms(args, cfg):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints and random state
+# Flags, checkpoints and the output folder: everything checked before any work
 
 
-def read_checkpoint(path):
-    """ravlt.read_checkpoint (weights_only=True: a checkpoint is data, never code), read once."""
+def check_flags(args):
+    """Combinations that cannot work, refused before anything is read."""
+    if args.eval_only and not args.resume:
+        fail("--eval-only needs --resume PATH, the checkpoint to evaluate")
+    if args.pretrained is not None and args.resume:
+        fail("--pretrained starts a new run from given weights, --resume continues a run: give one")
+
+
+def read_checkpoint(flag, path):
+    """ravlt.read_checkpoint (weights_only: a checkpoint is data, never code) and ravlt's own test that
+    the file holds weights, done once before any work; whatever is wrong ends the run in one line."""
     try:
         ckpt = ravlt.read_checkpoint(path)
+        ravlt._state_dict(ckpt, f"checkpoint {path}", use_ema=False)
     except FileNotFoundError:
-        fail(f"--resume {path}: no such file")
-    except ValueError as e:  # a directory, empty, truncated, not a checkpoint, ...
-        fail(str(e).strip().splitlines()[0])
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model", ckpt), dict):
-        fail(f"checkpoint {path} holds no state dict (expected a dict, or a dict with a 'model' entry)")
+        fail(f"{flag} {path}: no such file")
+    except ValueError as e:  # a directory, empty, truncated, not a checkpoint, no weights in it, ...
+        fail(f"{flag}: {str(e).strip().splitlines()[0]}")
     return ckpt
 
 
-def load_weights(model, path, ckpt, use_ema=False):
-    """ravlt.load_checkpoint on the dict read once, refusing a classifier made for another number of
-    classes (which it would otherwise replace by the model's fresh head, as suits fine-tuning)."""
-    try:
-        ravlt.load_checkpoint(model, ckpt, use_ema=use_ema, new_head=False)
-    except ValueError as e:
-        fail(f"{path}: {str(e).splitlines()[0]}")
+def resolve_defaults(args, ckpt, device):
+    """Fill in the flags not given: the model, input size and data a train.py checkpoint (--resume) was
+    trained on, then the dataset's preset, the output folder (a resumed run's own) and the precision."""
+    saved = ckpt.get("args") if ckpt is not None else None
+    saved = saved if isinstance(saved, dict) else {}  # the release's files hold another kind of record
+    for key in SAVED_DEFAULTS + (DATA_FLAGS if args.dataset is None else ()):
+        if getattr(args, key) is None:
+            setattr(args, key, saved.get(key))
+    args.model, args.dataset = args.model or "ravlt_t", args.dataset or "cifar10"
+    cifar = args.dataset.startswith("cifar")
+    for key, value in dict(PRESETS["cifar" if cifar else "imagenet"], fake_samples=512).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.data_path = args.data_path or ("data" if cifar else None)
+    if args.output_dir is None:
+        resumed = args.resume and not args.eval_only
+        args.output_dir = ((os.path.dirname(args.resume) or ".") if resumed else
+                           os.path.join("output", f"{args.model}_{args.dataset}"))
+    if args.amp is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        args.amp = "none" if device.type == "cpu" else "bf16" if bf16 else "fp16"
 
 
-def prepare_output_dir(folder):
-    """Create --output-dir and prove it writable now, so that a bad one fails before any work."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
+def check_resume(args, ckpt, world, log):
+    """A resumed run goes on with the data it was trained on: another --dataset (or number of fake
+    images) is refused. Any other flag may change, the schedule following the flags; what differs from
+    the checkpoint's flags is stated in one line."""
+    if lost := [k for k in TRAIN_STATE if k not in ckpt]:
+        fail(f"--resume {args.resume} is not a train.py checkpoint (no {', '.join(lost)}); "
+             "to evaluate it, add --eval-only")
+    saved = ckpt.get("args", {})
+    for key in ("dataset", "fake_samples") if args.dataset == "fake" else ("dataset",):
+        if key in saved and saved[key] != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            fail(f"{flag} {getattr(args, key)}: {args.resume} was trained with {flag} {saved[key]}, and a "
+                 f"resumed run keeps its data; to train these weights on other data, start a new run "
+                 f"with --pretrained {args.resume}")
+    changes = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {v})" for k, v in saved.items()
+               if k not in NOT_RECIPE and getattr(args, k, v) != v]
+    batch, was = args.batch_size * world, saved.get("batch_size", args.batch_size) * len(ckpt["rng"])
+    if batch != was:  # a step then sees another number of images: the peak lr follows (--lr is per 512)
+        changes.append(f"global batch {batch} (was {was}), so peak lr {args.lr * batch / 512:.3g} (was "
+                       f"{saved.get('lr', args.lr) * was / 512:.3g})")
+    if changes:
+        log(f"note: {args.resume} continues with {', '.join(changes)}")
+
+
+def first_missing(path):
+    """The outermost folder that making `path` would create; None if it exists."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+def check_output_dir(args):
+    """--output-dir can be made and written (checked without making it: the run makes it once it starts)
+    and holds no other run's checkpoint, which this run would replace."""
+    folder, missing = args.output_dir, first_missing(args.output_dir)
+    if missing is None and not os.path.isdir(folder):
         fail(f"--output-dir {folder} is a file, not a folder")
+    parent = os.path.dirname(missing) if missing else folder  # the folder that must take a new entry
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        why = "not writable" if os.path.isdir(parent) else "a file"
+        fail(f"--output-dir {folder} cannot be created or written ({parent} is {why})")
+    held = os.path.join(folder, "checkpoint.pth")
+    if os.path.isfile(held) and not (args.resume and os.path.samefile(held, args.resume)):
+        try:
+            old = ravlt.read_checkpoint(held)
+            what = f"a run of {old['model_config']['name']} at epoch {old['epoch']} of {old['args']['epochs']}"
+        except (ValueError, KeyError, TypeError):
+            what = "a checkpoint.pth"
+        fail(f"--output-dir {folder} holds {what}; continue it with --resume {held}, or give another "
+             "--output-dir")
+
+
+def read_pretrained(args, rank, world):
+    """(path, checkpoint) of --pretrained: PATH, or the release's file for --model, which process 0
+    downloads when it is not cached while the others wait, then all read."""
+    path = args.pretrained
+    if path is True:
+        if args.model not in ravlt.PRETRAINED:
+            fail(f"--pretrained: {args.model} has no released weights ({', '.join(ravlt.PRETRAINED)} have); "
+                 "give a PATH")
+        if rank > 0:
+            dist.barrier()
+        try:
+            path = ravlt.download_checkpoint(args.model)
+        except RuntimeError as e:  # offline, ...: it says where to put the file by hand
+            fail(f"--pretrained: {str(e).splitlines()[0]}")
+        if rank == 0 and world > 1:
+            dist.barrier()
+    return path, read_checkpoint("--pretrained", path)
+
+
+def load_weights(model, flag, path, ckpt, use_ema=False):
+    """ravlt.load_checkpoint on a checkpoint read once: --pretrained's with a new classifier when the
+    class count differs (fine-tuning); --resume's must fit, a classifier for other classes is refused."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        fail(f"--output-dir {folder} cannot be created or written ({e.strerror or e})")
+        ravlt.load_checkpoint(model, ckpt, use_ema=use_ema, new_head=flag == "--pretrained")
+    except ValueError as e:
+        fail(f"{flag} {path}: {str(e).splitlines()[0]}")
 
 
-def save_checkpoint(state, path):
+# -----------------------------------------------------------------------------
+# Model, optimizer, checkpoints
+
+
+def build_loaders(sets, args, ckpt, device, rank, world):
+    """The val loader and, to train, the train sampler and loader; a batch larger than the data fails."""
+    pin = device.type == "cuda"
+    # process r evaluates images r, r + world, ...; the sums are reduced, so every image counts once
+    val = DataLoader(Subset(sets["val"], range(rank, len(sets["val"]), world)), args.batch_size,
+                     num_workers=args.workers, pin_memory=pin)
+    if args.eval_only:
+        return val, None, None
+    seed = ckpt["sampler"]["seed"] if ckpt else args.seed  # data order: one seed for all processes
+    sampler = (RepeatAugSampler(len(sets["train"]), world, rank, seed) if args.repeated_aug else
+               DistributedSampler(sets["train"], world, rank, shuffle=True, seed=seed))
+    # new workers every epoch (not persistent_workers): their seeds come from the main process's
+    # generator, which the checkpoint saves, so a resumed epoch repeats the same augmentations
+    train = DataLoader(sets["train"], args.batch_size, sampler=sampler, drop_last=True,
+                       num_workers=args.workers, pin_memory=pin)
+    if len(train) == 0:
+        fail(f"{len(sampler)} training images per process, fewer than --batch-size {args.batch_size}")
+    return val, sampler, train
+
+
+def build_model(args, num_classes, device, world):
+    overrides = {} if args.drop_path is None else dict(drop_path_rate=args.drop_path)
+    # with --compile the whole model is compiled, the attention core included
+    model = ravlt.create_model(args.model, num_classes=num_classes,
+                               compile_attn=False if args.compile else None, **overrides).to(device)
+    if world > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch, as released
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def build_optimizer(model, args, steps, world, device):
+    """AdamW (no weight decay on biases, BatchNorm and LayerNorm weights) and schedule(step), the lr of
+    each step: linear warm-up from --warmup-lr, then cosine to --min-lr. A function of the flags alone,
+    with no state: a resumed run, even one given more --epochs, follows the schedule of a straight run."""
+    peak = args.lr * args.batch_size * world / 512  # --lr is per 512 images of global batch
+    groups = [dict(params=[p for p in model.parameters() if p.ndim > 1], weight_decay=args.weight_decay),
+              dict(params=[p for p in model.parameters() if p.ndim <= 1], weight_decay=0.0)]
+    optimizer = torch.optim.AdamW(groups, lr=peak, fused=device.type == "cuda")
+    warmup, total, first = args.warmup_epochs * steps, args.epochs * steps, min(args.warmup_lr, peak)
+
+    def schedule(step):
+        if step < warmup:
+            return first + (peak - first) * step / warmup
+        done = (step - warmup) / max(1, total - warmup)  # 0 to 1 over the cosine
+        return args.min_lr + (peak - args.min_lr) * (1 + math.cos(math.pi * done)) / 2
+    return optimizer, schedule
+
+
+def build_ema(model, args, world):
+    """An exponential moving average of the weights, or None; its decay per step, D^(B/512) at global
+    batch B, keeps the same decay per image seen."""
+    if not args.model_ema:
+        return None
+    decay = args.model_ema_decay ** (args.batch_size * world / 512)
+    model_ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    model_ema.update_parameters(model)  # the first update only copies: start from these weights
+    return model_ema
+
+
+def restore(ckpt, args, model_ema, optimizer, scaler, device, rank, world, log):
+    """Continue --resume's run: the EMA, AdamW's moments (its hyper-parameters stay the flags'), the loss
+    scale and each process's random state; returns the epoch to start at. The lr needs nothing: it is
+    a function of the flags and the step."""
+    if model_ema is not None and "model_ema" in ckpt:
+        model_ema.module.load_state_dict(ckpt["model_ema"])
+    elif model_ema is not None:
+        log(f"note: {args.resume} has no EMA weights; the EMA restarts from the model's")
+    optimizer.load_state_dict(dict(ckpt["optimizer"], param_groups=optimizer.state_dict()["param_groups"]))
+    scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank], device)
+    else:
+        log(f"note: checkpoint from {len(ckpt['rng'])} processes, now {world}: random state reseeded")
+    if ckpt["epoch"] >= args.epochs:
+        log(f"nothing to do: {args.resume} is at epoch {ckpt['epoch']} of --epochs {args.epochs}; "
+            "raise --epochs to train on")
+    return ckpt["epoch"]
+
+
+def wrap(model, args, world):
+    """The module that trains (DDP across processes, then compiled) and the one that evaluates (compiled
+    alone, outside DDP: the processes' val shards may differ)."""
+    # DDP flags depthwise weights (C, 1, k, k) whose gradient strides differ only on the size-1 dim:
+    # the memory layout is the same, so the warning is noise
+    warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
+    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    return (torch.compile(train_model), torch.compile(model)) if args.compile else (train_model, model)
+
+
+def start_output(args, fresh, rank):
+    """Make --output-dir now that the run starts (a run that stops on bad input leaves nothing); a new
+    run starts a new log."""
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if fresh:
+            open(os.path.join(args.output_dir, "log.jsonl"), "w").close()
+
+
+def save(row, model, model_ema, optimizer, scaler, sampler, args, device, rank, world):
+    """After an epoch: checkpoint.pth replaced (the model's own keys, without DDP's or compile's
+    prefixes) with every process's random state, and `row` appended to log.jsonl."""
+    states = [rng_state(device)] * world
+    if world > 1:  # every process's generators, so that each resumes its own random stream
+        dist.all_gather_object(states, rng_state(device))
+    if rank > 0:
+        return
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                 epoch=row["epoch"], rng=states, sampler=dict(seed=sampler.seed, next_epoch=row["epoch"]),
+                 args=dict(vars(args)), model_config=dict(name=args.model, **dataclasses.asdict(model.cfg)))
+    if model_ema is not None:
+        state["model_ema"] = model_ema.module.state_dict()
+    path = os.path.join(args.output_dir, "checkpoint.pth")
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash leaves the old file or the new one, never half
+    with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def rng_state(device):
@@ -341,7 +566,7 @@ def set_rng_state(state, device):
 # One epoch of training, one pass of evaluation
 
 
-def train_one_epoch(model, raw_model, model_ema, criterion, mix, loader, optimizer, scheduler, scaler,
+def train_one_epoch(model, raw_model, model_ema, criterion, mix, loader, optimizer, schedule, scaler,
                     device, amp_dtype, epoch, args):
     """Mean training loss, the last step's learning rate, and images/s, all processes together."""
     model.train()
@@ -350,6 +575,9 @@ def train_one_epoch(model, raw_model, model_ema, criterion, mix, loader, optimiz
     bar = tqdm(loader, f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=not is_main())
     start = time.perf_counter()
     for step, (images, targets) in enumerate(bar):
+        lr = schedule(epoch * len(loader) + step)  # per step: warm-up and cosine stay smooth over few epochs
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if mix is not None:
             images, targets = mix(images, targets)  # targets (B,) -> (B, classes) mixed one-hots
@@ -360,10 +588,8 @@ def train_one_epoch(model, raw_model, model_ema, criterion, mix, loader, optimiz
         if args.clip_grad:
             scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
             nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
-        lr = optimizer.param_groups[0]["lr"]
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()  # per step, so warm-up and cosine stay smooth even over few epochs
         if model_ema is not None:
             model_ema.update_parameters(raw_model)
         loss_sum += loss.detach()
@@ -401,6 +627,39 @@ def evaluate(model, loader, device, amp_dtype):
     return dict(loss=loss / n, acc1=100 * top1 / n, acc5=100 * top5 / n)
 
 
+def validate(model, model_ema, loader, device, amp_dtype):
+    """val_loss, val_acc1, val_acc5 of the weights, and ema_val_* of the EMA's when there is one."""
+    row = {f"val_{k}": v for k, v in evaluate(model, loader, device, amp_dtype).items()}
+    if model_ema is not None:
+        row.update({f"ema_val_{k}": v for k, v in evaluate(model_ema.module, loader, device, amp_dtype).items()})
+    return row
+
+
+def evaluate_checkpoint(model, ckpt, loader, device, amp_dtype, args, log):
+    """--eval-only: the checkpoint's weights, and its EMA weights if any, on the val set; one line for a
+    person, one JSON line."""
+    results, text = {}, []
+    for prefix, use_ema in [("val_", False)] + [("ema_val_", True)] * ("model_ema" in ckpt):
+        load_weights(model, "--resume", args.resume, ckpt, use_ema)
+        result = evaluate(model, loader, device, amp_dtype)
+        results.update({prefix + k: v for k, v in result.items()})
+        text.append(f"{'EMA' if use_ema else 'weights'}: top-1 {result['acc1']:.2f}%, top-5 "
+                    f"{result['acc5']:.2f}%, loss {result['loss']:.4f}")
+    log(f"{args.resume}, {args.model} on {args.dataset} val ({len(loader.dataset.dataset)} images), "
+        + "; ".join(text))
+    log(json.dumps(results))
+    return results
+
+
+def average_buffers(model, model_ema, world, device):
+    """Processes on CPU have no SyncBatchNorm: their BatchNorm statistics drift apart; average them."""
+    if world > 1 and device.type != "cuda":
+        for buffer in [*model.buffers(), *(model_ema.module.buffers() if model_ema else [])]:
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer)
+                buffer /= world
+
+
 # -----------------------------------------------------------------------------
 # Main
 
@@ -414,6 +673,9 @@ def init_distributed(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda, but no CUDA GPU is visible")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolutions once
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if "RANK" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
@@ -436,185 +698,69 @@ def main(args):
     """run(args), with an image that cannot be decoded turned into one line saying what to do."""
     started = time.time()
     try:
-        return run(args)
+        result = run(args)
     except UnreadableImage as e:
         saved = os.path.join(args.output_dir, "checkpoint.pth")  # this run's last finished epoch
         saved = saved if os.path.isfile(saved) and os.path.getmtime(saved) >= started else args.resume
         fail(f"{e}; fix or delete it, then " +
              (f"continue with --resume {saved}" if saved and not args.eval_only else "run again"))
+    finish_distributed()
+    return result
 
 
 def run(args):
     rank, world, device = init_distributed(args)
     log = print if rank == 0 else (lambda *a, **k: None)
-    cifar = args.dataset.startswith("cifar")
-    for key, value in PRESETS["cifar" if cifar else "imagenet"].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.data_path = args.data_path or ("data" if cifar else None)
-    args.output_dir = args.output_dir or os.path.join("output", f"{args.model}_{args.dataset}")
-    if args.amp is None:
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        args.amp = "none" if device.type == "cpu" else "bf16" if bf16 else "fp16"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolutions once
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.eval_only and not args.resume:
-        fail("--eval-only needs --resume PATH, the checkpoint to evaluate")
-    if args.pretrained is not None and args.resume:
-        fail("--pretrained starts a new run from given weights, --resume continues a run: give one")
-    if args.pretrained is True and args.model not in ravlt.PRETRAINED:
-        fail(f"--pretrained: {args.model} has no released weights ({', '.join(ravlt.PRETRAINED)} have); "
-             "give a PATH")
-    if isinstance(args.pretrained, str) and not os.path.isfile(args.pretrained):
-        fail(f"--pretrained {args.pretrained}: no such file")
-    ckpt = read_checkpoint(args.resume) if args.resume else None  # a bad file fails before any work
-    if ckpt is not None and not args.eval_only and (lost := [k for k in TRAIN_STATE if k not in ckpt]):
-        fail(f"--resume {args.resume} is not a train.py checkpoint (no {', '.join(lost)}); "
-             "to evaluate it, add --eval-only")
+    check_flags(args)
+    ckpt = read_checkpoint("--resume", args.resume) if args.resume else None
+    resolve_defaults(args, ckpt, device)
+    if ckpt is not None and not args.eval_only:
+        check_resume(args, ckpt, world, log)
     if not args.eval_only:
-        prepare_output_dir(args.output_dir)
+        check_output_dir(args)
+    pretrained = read_pretrained(args, rank, world) if args.pretrained is not None else None
 
     torch.manual_seed(args.seed)  # the same initial weights on every process
     sets, num_classes = build_datasets(args, rank, world)
-    overrides = {} if args.drop_path is None else dict(drop_path_rate=args.drop_path)
-    # with --compile the whole model is compiled, the attention core included
-    model = ravlt.create_model(args.model, num_classes=num_classes,
-                               compile_attn=False if args.compile else None, **overrides).to(device)
-    if args.pretrained is not None:  # fine-tuning: a new head when the class count differs
-        path = args.pretrained
-        try:
-            if path is True:  # process 0 downloads (when not cached), the others then read its file
-                if rank > 0:
-                    dist.barrier()
-                path = ravlt.download_checkpoint(args.model)
-                if rank == 0 and world > 1:
-                    dist.barrier()
-            ravlt.load_checkpoint(model, path)
-        except (ValueError, RuntimeError) as e:
-            fail(f"--pretrained: {str(e).splitlines()[0]}")
-        log(f"weights from {path}")
+    val_loader, sampler, train_loader = build_loaders(sets, args, ckpt, device, rank, world)
+    model = build_model(args, num_classes, device, world)
     train_tf, sets["val"].transform = build_transforms(args, model.pretrained_cfg)
-    # process r evaluates images r, r + world, ...; the sums are reduced, so every image counts once
-    val_loader = DataLoader(Subset(sets["val"], range(rank, len(sets["val"]), world)), args.batch_size,
-                            num_workers=args.workers, pin_memory=device.type == "cuda")
-
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     if args.eval_only:
-        results = {}
-        for prefix, use_ema in [("val_", False)] + [("ema_val_", True)] * ("model_ema" in ckpt):
-            load_weights(model, args.resume, ckpt, use_ema)
-            results.update({prefix + k: v for k, v in evaluate(model, val_loader, device, amp_dtype).items()})
-        log(json.dumps(results))
-        finish_distributed()
-        return results
-
+        return evaluate_checkpoint(model, ckpt, val_loader, device, amp_dtype, args, log)
     sets["train"].transform = train_tf
+    if pretrained is not None:  # fine-tuning: a new head when the class count differs
+        load_weights(model, "--pretrained", *pretrained)
+        log(f"weights from {pretrained[0]}")
     if ckpt is not None:
-        load_weights(model, args.resume, ckpt)
-    if world > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch, as released
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    seed = ckpt["sampler"]["seed"] if ckpt else args.seed  # data order: one seed for all processes
-    sampler = (RepeatAugSampler(len(sets["train"]), world, rank, seed) if args.repeated_aug else
-               DistributedSampler(sets["train"], world, rank, shuffle=True, seed=seed))
-    # new workers every epoch (not persistent_workers): their seeds come from the main process's
-    # generator, which the checkpoint saves, so a resumed epoch repeats the same augmentations
-    train_loader = DataLoader(sets["train"], args.batch_size, sampler=sampler, drop_last=True,
-                              num_workers=args.workers, pin_memory=device.type == "cuda")
-    if (steps := len(train_loader)) == 0:
-        fail(f"{len(sampler)} training images per process, fewer than --batch-size {args.batch_size}")
-
-    global_batch = args.batch_size * world
-    lr = args.lr * global_batch / 512
-    decay = [p for p in model.parameters() if p.ndim > 1]  # biases, BN and LN weights: no decay
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
-    warmup, total = args.warmup_epochs * steps, args.epochs * steps
-    scheduler = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=args.min_lr)
-    if warmup > 0:
-        linear = LinearLR(optimizer, min(1.0, args.warmup_lr / lr), 1.0, total_iters=warmup)
-        scheduler = SequentialLR(optimizer, [linear, scheduler], milestones=[warmup])
+        load_weights(model, "--resume", args.resume, ckpt)
+    optimizer, schedule = build_optimizer(model, args, len(train_loader), world, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    mix = build_mix(args, num_classes)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)  # also takes mixed soft targets
-    model_ema = None
-    if args.model_ema:  # decay per step: D^(B/512) at batch B keeps the same decay per image seen
-        ema_decay = args.model_ema_decay ** (global_batch / 512)
-        model_ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-        model_ema.update_parameters(model)  # the first update only copies: start from these weights
-
-    start_epoch = 0
-    if ckpt is not None:
-        if model_ema is not None and "model_ema" in ckpt:
-            model_ema.module.load_state_dict(ckpt["model_ema"])
-        elif model_ema is not None:
-            log(f"note: {args.resume} has no EMA weights; the EMA restarts from the model's")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"]
+    model_ema = build_ema(model, args, world)
     torch.manual_seed(args.seed + rank)  # different augmentations and drop-path masks per process
     random.seed(args.seed + rank)
-    if ckpt is not None and len(ckpt["rng"]) == world:
-        set_rng_state(ckpt["rng"][rank], device)
-    elif ckpt is not None:
-        log(f"note: checkpoint from {len(ckpt['rng'])} processes, now {world}: random state reseeded")
-
-    # DDP flags depthwise weights (C, 1, k, k) whose gradient strides differ only on the size-1 dim:
-    # the memory layout is the same, so the warning is noise
-    warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
-    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    train_model = torch.compile(train_model) if args.compile else train_model
-    eval_model = torch.compile(model) if args.compile else model  # outside DDP: shards may differ
-
-    log_path, ckpt_path = (os.path.join(args.output_dir, f) for f in ("log.jsonl", "checkpoint.pth"))
-    if rank == 0 and ckpt is None:
-        open(log_path, "w").close()  # a fresh run starts a fresh log
+    start_epoch = restore(ckpt, args, model_ema, optimizer, scaler, device, rank, world, log) if ckpt else 0
+    train_model, eval_model = wrap(model, args, world)
+    mix, criterion = build_mix(args, num_classes), nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+    start_output(args, ckpt is None, rank)
     log(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {num_classes} "
         f"classes, {len(sets['train'])} train / {len(sets['val'])} val images, {world} process(es) on "
-        f"{device.type}, global batch {global_batch}, peak lr {lr:.3g}, amp {args.amp}")
-    if start_epoch >= args.epochs:
-        log(f"nothing to do: {args.resume} is at epoch {start_epoch} of --epochs {args.epochs}; "
-            "raise --epochs to train on")
+        f"{device.type}, global batch {args.batch_size * world}, peak lr {args.lr * args.batch_size * world / 512:.3g}, amp {args.amp}")
 
     row = {}
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         start = time.perf_counter()
-        trained = train_one_epoch(train_model, model, model_ema, criterion, mix, train_loader, optimizer,
-                                  scheduler, scaler, device, amp_dtype, epoch, args)
-        if world > 1 and device.type != "cuda":  # no SyncBatchNorm on CPU: statistics drift apart
-            for buffer in [*model.buffers(), *(model_ema.module.buffers() if model_ema else [])]:
-                if buffer.is_floating_point():
-                    dist.all_reduce(buffer)
-                    buffer /= world
-        val = evaluate(eval_model, val_loader, device, amp_dtype)
-        row = dict(epoch=epoch + 1, train_loss=trained["train_loss"], val_loss=val["loss"],
-                   val_acc1=val["acc1"], val_acc5=val["acc5"], lr=trained["lr"],
-                   img_per_s=trained["img_per_s"])
-        if model_ema is not None:
-            ema = evaluate(model_ema.module, val_loader, device, amp_dtype)
-            row.update(ema_val_loss=ema["loss"], ema_val_acc1=ema["acc1"], ema_val_acc5=ema["acc5"])
+        row = dict(epoch=epoch + 1, **train_one_epoch(train_model, model, model_ema, criterion, mix, train_loader,
+                                                      optimizer, schedule, scaler, device, amp_dtype, epoch, args))
+        average_buffers(model, model_ema, world, device)
+        row.update(validate(eval_model, model_ema, val_loader, device, amp_dtype))
         row["epoch_time"] = time.perf_counter() - start
-        states = [rng_state(device)] * world
-        if world > 1:  # every process's generators, so that each resumes its own random stream
-            dist.all_gather_object(states, rng_state(device))
-        if rank == 0:
-            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch + 1,
-                         rng=states, sampler=dict(seed=seed, next_epoch=epoch + 1), args=dict(vars(args)),
-                         model_config=dict(name=args.model, **dataclasses.asdict(model.cfg)))
-            if model_ema is not None:
-                state["model_ema"] = model_ema.module.state_dict()
-            save_checkpoint(state, ckpt_path)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        save(row, model, model_ema, optimizer, scaler, sampler, args, device, rank, world)
         ema_text = f", EMA acc1 {row['ema_val_acc1']:.2f}" if model_ema is not None else ""
         log(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f}, val loss "
             f"{row['val_loss']:.4f}, acc1 {row['val_acc1']:.2f}, acc5 {row['val_acc5']:.2f}{ema_text}, "
             f"lr {row['lr']:.3g}, {row['img_per_s']:.0f} img/s, {row['epoch_time']:.1f} s")
-    finish_distributed()
     return row
 
 
