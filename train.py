@@ -210,12 +210,12 @@ def build_datasets(args, rank, world):
         return sets, len(sets["val"].classes)
     cifar = datasets.CIFAR10 if args.dataset == "cifar10" else datasets.CIFAR100
     if rank == 0:  # one process downloads, the others wait at the barrier
-        new = not os.path.exists(args.data_path)
+        made = first_missing(args.data_path)
         try:
             cifar(args.data_path, download=True)  # checks the files; downloads only when absent
         except (OSError, RuntimeError) as e:
-            if new:  # made by the download before it failed: a run that stops leaves nothing behind
-                shutil.rmtree(args.data_path, ignore_errors=True)
+            if made:  # made by the download before it failed: a run that stops leaves nothing behind
+                shutil.rmtree(made, ignore_errors=True)
             fail(f"could not get {cifar.__name__} ({type(e).__name__}: {e}); offline? put {cifar.filename}"
                  f" from {cifar.url} (or its extracted {cifar.base_folder}/) into {args.data_path}/")
     if world > 1:
@@ -278,6 +278,14 @@ def build_transforms(args, cfg):
 # Before any work: the checkpoint, the defaults, the flags, the pretrained weights
 
 
+def first_missing(path):
+    """The outermost folder that making `path` would create; None if it exists."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
 def read_checkpoint(flag, path):
     """ravlt.read_checkpoint: weights only (a checkpoint is data, never code); what is wrong, in one line."""
     try:
@@ -332,12 +340,12 @@ def check_flags(args, ckpt, world):
             fail(f"--{key.replace('_', '-')}: {args.resume} was trained with {was[key]}, this run "
                  f"{now[key]}; a resumed run keeps its data and global batch (so its peak lr): give those, "
                  "or start a new run from its weights with --pretrained")
-    folder = parent = os.path.abspath(args.output_dir)
-    while not os.path.exists(parent):  # the folder that takes the first new entry
-        parent = os.path.dirname(parent)
+    missing = first_missing(args.output_dir)  # checked, not made: save makes it after the first epoch
+    parent = os.path.dirname(missing) if missing else args.output_dir  # the folder that takes a new entry
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        fail(f"--output-dir {args.output_dir} is a file, not a folder")
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        fail(f"--output-dir {args.output_dir} is a file, not a folder" if os.path.isfile(folder) else
-             f"--output-dir {args.output_dir} cannot be created or written (in {parent})")
+        fail(f"--output-dir {args.output_dir} cannot be created or written (in {parent})")
     held = os.path.join(args.output_dir, "checkpoint.pth")
     if os.path.isfile(held) and not (args.resume and os.path.samefile(held, args.resume)):
         old = read_checkpoint("--output-dir", held)
