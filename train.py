@@ -301,7 +301,7 @@ def resolve_defaults(args, ckpt, device):
     saved = ckpt.get("args") if isinstance(ckpt, dict) else None
     saved = saved if isinstance(saved, dict) else {}  # the release's files hold a Namespace of theirs
     data = ("dataset", "data_path", "fake_samples") if args.dataset is None else ()  # all of them, or none
-    for key in ("model", "input_size", "output_dir", *data):
+    for key in ("model", "input_size", *data):
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key))
     args.model, args.dataset = args.model or "ravlt_t", args.dataset or "cifar10"
@@ -310,7 +310,9 @@ def resolve_defaults(args, ckpt, device):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.data_path = args.data_path or ("data" if cifar else None)
-    args.output_dir = args.output_dir or os.path.join("output", f"{args.model}_{args.dataset}")
+    resumed = args.resume and not args.eval_only  # it goes on in the checkpoint's folder
+    args.output_dir = args.output_dir or ((os.path.dirname(args.resume) or ".") if resumed else
+                                          os.path.join("output", f"{args.model}_{args.dataset}"))
     cuda = device.type == "cuda"
     args.amp = args.amp or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "none")
 
@@ -332,14 +334,14 @@ def check_flags(args, ckpt, world):
     if ckpt is not None and (lost := [k for k in TRAIN_STATE if k not in ckpt]):
         fail(f"--resume {args.resume} is not a train.py checkpoint (no {', '.join(lost)}); "
              "to evaluate it, add --eval-only")
-    saved, processes = (ckpt["args"], len(ckpt["rng"])) if ckpt else (vars(args), world)
-    now = dict(vars(args), batch_size=f"global batch {args.batch_size * world}")
-    was = dict(saved, batch_size=f"global batch {saved['batch_size'] * processes}")
-    for key in ("dataset", "batch_size", "fake_samples")[:2 + (args.dataset == "fake")]:
-        if now[key] != was[key]:
-            fail(f"--{key.replace('_', '-')}: {args.resume} was trained with {was[key]}, this run "
-                 f"{now[key]}; a resumed run keeps its data and global batch (so its peak lr): give those, "
-                 "or start a new run from its weights with --pretrained")
+    if ckpt is not None:  # the batch size per process may change with the processes, not the global batch
+        was = dict(ckpt["args"], batch_size=f"global batch {ckpt['args']['batch_size'] * len(ckpt['rng'])}")
+        now = dict(vars(args), batch_size=f"global batch {args.batch_size * world}")
+        for key in ("dataset", "batch_size", "fake_samples")[:2 + (args.dataset == "fake")]:
+            if now[key] != was[key]:
+                fail(f"--{key.replace('_', '-')}: {args.resume} was trained with {was[key]}, this run "
+                     f"{now[key]}; a resumed run keeps its data and global batch (so its peak lr): give "
+                     "those, or start a new run from its weights with --pretrained")
     missing = first_missing(args.output_dir)  # checked, not made: save makes it after the first epoch
     parent = os.path.dirname(missing) if missing else args.output_dir  # the folder that takes a new entry
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
