@@ -998,12 +998,12 @@ FAKE = ["--dataset", "fake", "--fake-samples", "16", "--input-size", "32"]  # 16
 LOG_FIELDS = {"epoch", "train_loss", "val_loss", "val_acc1", "val_acc5", "lr", "img_per_s", "epoch_time"}
 
 
-def run_train(out, *extra):
+def run_train(out, *extra, base=TINY):
     # one thread: faster for a model this small, and steadier when the cores are shared
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        args = train.get_args_parser().parse_args(TINY + ["--output-dir", str(out), *map(str, extra)])
+        args = train.get_args_parser().parse_args(base + ["--output-dir", str(out), *map(str, extra)])
         return train.main(args)
     finally:
         torch.set_num_threads(threads)
@@ -1092,6 +1092,90 @@ def test_train_eval_only_ours_and_release_format(fake_run, tmp_path):
     theirs = run_train(tmp_path, *FAKE, "--eval-only", "--resume", tmp_path / "RAVLT_release.pth")
     assert theirs["val_loss"] == pytest.approx(ours["ema_val_loss"], abs=1e-6)
     assert theirs["ema_val_loss"] == pytest.approx(ours["val_loss"], abs=1e-6)
+
+
+def test_train_eval_only_takes_model_and_data_from_the_checkpoint(fake_run, tmp_path, capsys):
+    out, log, _ = fake_run
+    # no --model, --dataset, --fake-samples, --input-size: the defaults would be ravlt_t on CIFAR-10 at 32 px
+    results = run_train(tmp_path, "--eval-only", "--resume", out / "checkpoint.pth",
+                        base=["--device", "cpu", "--workers", "0", "--amp", "none"])
+    for key in ("val_loss", "val_acc1", "val_acc5", "ema_val_loss", "ema_val_acc1", "ema_val_acc5"):
+        assert results[key] == pytest.approx(log[-1][key], abs=1e-5), key
+    *_, human, last = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(last) == results
+    parts = [f"{name} top-1 {results[p + 'acc1']:.2f}%, top-5 {results[p + 'acc5']:.2f}%, loss "
+             f"{results[p + 'loss']:.4f}" for name, p in (("weights", "val_"), ("EMA", "ema_val_"))]
+    assert human == f"{out / 'checkpoint.pth'} on fake val (4 images): " + "; ".join(parts)
+    assert os.listdir(tmp_path) == []  # evaluation writes nothing
+
+
+def test_train_rerun_keeps_the_run_in_its_folder(fake_run, capsys):
+    out, _, _ = fake_run
+    before = {name: (out / name).read_bytes() for name in ("checkpoint.pth", "log.jsonl")}
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(out, *FAKE_RUN)  # the same command again, without --resume
+    (line,) = visible_lines(capsys.readouterr().err)
+    assert exit_info.value.code == 2
+    assert line == (f"train.py: error: --output-dir {out} holds a run of ravlt_nano at epoch 2: continue it "
+                    f"with --resume {out / 'checkpoint.pth'}, or give another --output-dir")
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_train_resume_refuses_other_data_or_global_batch(fake_run, tmp_path, capsys):
+    out, _, _ = fake_run
+    cases = {("--batch-size", 8): "--batch-size: {} was trained with global batch 4, this run global batch 8",
+             ("--dataset", "cifar10"): "--dataset: {} was trained with fake, this run cifar10",
+             ("--fake-samples", 32): "--fake-samples: {} was trained with 16, this run 32"}
+    for flag, words in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            run_train(tmp_path / "out", *FAKE_RUN, *flag, "--resume", out / "checkpoint.pth")
+        (line,) = visible_lines(capsys.readouterr().err)
+        assert exit_info.value.code == 2, flag
+        assert line.startswith("train.py: error: " + words.format(out / "checkpoint.pth") + "; "), line
+    assert os.listdir(tmp_path) == []
+
+
+# every part off, 8 fake images: 2 steps per epoch, the first epoch a warm-up
+SCHEDULE = FAKE + ["--fake-samples", 8, "--lr", 0.512, "--warmup-epochs", 1, "--no-model-ema",
+                   "--no-repeated-aug", "--aa", "none", "--mixup", 0, "--cutmix", 0, "--reprob", 0]
+
+
+def test_train_longer_resume_continues_on_the_longer_cosine(fake_run, tmp_path):
+    out, log, _ = fake_run  # 2 epochs of 4 steps, the first a warm-up; now a third
+    run_train(tmp_path, *FAKE_RUN, "--epochs", 3, "--resume", out / "checkpoint.pth")
+    (row,) = read_log(tmp_path)
+    peak = 0.512 * 4 / 512  # last step of epoch 3: step 11 of 12, 7/8 into the 8 steps of cosine
+    assert row["epoch"] == 3
+    assert row["lr"] == pytest.approx(1e-5 + (peak - 1e-5) * (1 + math.cos(math.pi * 7 / 8)) / 2, rel=1e-9)
+
+
+@slow  # three runs, eight epochs
+def test_train_longer_resume_follows_the_straight_schedule(tmp_path):
+    run_train(tmp_path / "run", *SCHEDULE, "--epochs", 2)
+    run_train(tmp_path / "run", *SCHEDULE, "--epochs", 4, "--resume", tmp_path / "run" / "checkpoint.pth")
+    run_train(tmp_path / "straight", *SCHEDULE, "--epochs", 4)
+    extended, straight = read_log(tmp_path / "run"), read_log(tmp_path / "straight")
+    assert [row["epoch"] for row in extended] == [row["epoch"] for row in straight] == [1, 2, 3, 4]
+    assert extended[0]["lr"] == straight[0]["lr"]  # warm-up: the same steps, whatever the length
+    assert extended[1]["lr"] != pytest.approx(straight[1]["lr"], rel=1e-3)  # epoch 2 ended a 2-epoch cosine
+    for resumed, unbroken in zip(extended[2:], straight[2:]):  # then the 4-epoch one, as if never stopped
+        assert resumed["lr"] == pytest.approx(unbroken["lr"], rel=1e-9, abs=0)
+
+
+def test_train_run_stopped_by_bad_input_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    def offline(*args, **kwargs):  # below torchvision's download, which makes the data folder first
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    torch.save({"model": shapes_only("ravlt_t")[1]}, tmp_path / "ravlt_t.pth")
+    cases = {"cifar offline": ["--dataset", "cifar10", "--data-path", tmp_path / "new" / "data"],
+             "batch larger than the data": [*FAKE, "--fake-samples", 2],
+             "weights of another variant": [*FAKE, "--pretrained", tmp_path / "ravlt_t.pth"]}
+    for name, argv in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            run_train(tmp_path / "runs" / "out", *argv)
+        assert exit_info.value.code == 2 and len(visible_lines(capsys.readouterr().err)) == 1, name
+        assert os.listdir(tmp_path) == ["ravlt_t.pth"], name  # no runs/out, no new/data
 
 
 def test_train_pretrained_fine_tunes_into_another_class_count(tmp_path, hub_cache, monkeypatch):

@@ -6,23 +6,21 @@ Train or evaluate RAVLT on CIFAR, ImageNet or any ImageNet-layout folder, in one
     python train.py --dataset imagenet --data-path DIR --eval-only --resume RAVLT_T.pth
     python train.py --model ravlt_t --pretrained --dataset cifar100 --input-size 224 --lr 4e-4 --epochs 30
 
-With --dataset imagenet (or fake) the defaults are the release's ImageNet recipe (DeiT's): AdamW at 5e-4 per 512
-images of global batch, weight decay 0.05 (none on 1-D parameters), 5 warm-up epochs from 1e-6 then
-cosine to 1e-5, label smoothing 0.1, MixUp 0.8 / CutMix 1.0, RandAugment, random erasing 0.25,
-repeated augmentation ×3, an EMA of the weights, SyncBatchNorm, mixed precision, 300 epochs.
-`--dataset cifar10|cifar100` switches to a small-image preset (PRESETS). After every epoch one JSON
-line goes to OUTPUT_DIR/log.jsonl and OUTPUT_DIR/checkpoint.pth is replaced; `--resume` continues
-from it exactly as if the run had never stopped.
+The recipe, `run`: read --resume's checkpoint; resolve the defaults (the model and data the checkpoint
+holds, then PRESETS: the release's ImageNet recipe, after DeiT, or a small-image one for CIFAR); check
+the flags, the resume and the output folder; read --pretrained's weights; build the datasets, loaders,
+model, optimizer with its lr schedule, and EMA; restore --resume's state; then every epoch
+train_one_epoch, evaluate and save (OUTPUT_DIR/checkpoint.pth replaced, a line of OUTPUT_DIR/log.jsonl).
+Bad input stops the run before any work, in one line; --resume goes on as if the run had never stopped.
 """
 import argparse
-import dataclasses
 import json
 import math
 import os
 import random
 import re
+import shutil
 import sys
-import tempfile
 import time
 import warnings
 
@@ -30,8 +28,6 @@ from PIL import Image, UnidentifiedImageError
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets
@@ -42,8 +38,7 @@ import ravlt
 
 # the cores this process may use, which DataLoader also counts before warning of too many workers
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-# Only these defaults differ between the release's ImageNet recipe and the CIFAR preset; a flag
-# given on the command line always wins. `fake` data stands in for ImageNet.
+# the defaults that differ between the release's ImageNet recipe (also for `fake` data) and CIFAR's
 PRESETS = {
     "imagenet": dict(epochs=300, batch_size=128, lr=5e-4, warmup_epochs=5, input_size=224,
                      repeated_aug=True, model_ema=True, workers=min(8, CORES)),
@@ -51,7 +46,7 @@ PRESETS = {
                   repeated_aug=False, model_ema=False, workers=min(4, CORES)),
 }
 RA_REPEATS = 3  # repeated augmentation: copies of each image per epoch, as DeiT and the release
-TRAIN_STATE = ("model", "optimizer", "scheduler", "scaler", "epoch", "rng", "sampler")
+TRAIN_STATE = ("model", "optimizer", "scaler", "epoch", "rng", "sampler", "args")
 
 
 def fail(message):
@@ -94,75 +89,62 @@ def get_args_parser():
                                 "to --dataset cifar10/cifar100, the other one to imagenet and fake.")
     p.error = fail  # one line instead of argparse's usage block followed by the error
     add = p.add_argument
-    # model and data
-    add("--model", default="ravlt_t", choices=list(ravlt.VARIANTS), metavar="NAME",
+    # model and data; with --resume or --eval-only, the checkpoint's unless given
+    add("--model", choices=list(ravlt.VARIANTS), metavar="NAME",
         help=f"variant: {', '.join(ravlt.VARIANTS)} (default: ravlt_t)")
-    add("--drop-path", type=below_one, metavar="P",
-        help="stochastic-depth probability of the last block (default: the variant's own, 0.1 for T)")
+    add("--drop-path", type=below_one, metavar="P", help="stochastic depth of the last block (default: "
+        "the variant's own, 0.1 for T)")
     add("--input-size", type=positive_int, metavar="PX", help="image side, pixels (default: 224; cifar 32)")
-    add("--dataset", default="cifar10", choices=["cifar10", "cifar100", "imagenet", "fake"],
-        help="cifar10/cifar100 (downloaded when absent), imagenet (any folder DIR/train/<class>/, "
-             "DIR/val/<class>/), fake (random images) (default: cifar10)")
+    add("--dataset", choices=["cifar10", "cifar100", "imagenet", "fake"], help="cifar10/cifar100 (downloaded "
+        "when absent), imagenet (any DIR/{train,val}/<class>/), fake (random images) (default: cifar10)")
     add("--data-path", metavar="DIR", help="dataset folder (default: ./data for cifar; needed for imagenet)")
-    add("--fake-samples", type=positive_int, default=512, metavar="N",
-        help="images in the fake training set; its val set has N/4 (default: 512)")
+    add("--fake-samples", type=positive_int, metavar="N", help="fake training images, N/4 val (default: 512)")
     add("--workers", type=natural, metavar="N", help="data-loading processes per process (default: the "
         f"cores this process may use, at most 8, here {PRESETS['imagenet']['workers']}; cifar at most 4)")
     # optimisation
     add("--epochs", type=positive_int, metavar="N", help="training epochs (default: 300; cifar 100)")
-    add("--batch-size", type=positive_int, metavar="N",
-        help="images per process and step; global batch = N × processes (default: 128; cifar 128)")
+    add("--batch-size", type=positive_int, metavar="N", help="images per process and step; global batch = "
+        "N × processes (default: 128; cifar 128)")
     add("--lr", type=positive, help="peak learning rate per 512 images of global batch, scaled "
                                     "linearly to the real global batch (default: 5e-4; cifar 2e-3)")
-    add("--min-lr", type=non_negative, default=1e-5, metavar="LR",
-        help="final learning rate of the cosine (default: 1e-5)")
-    add("--warmup-lr", type=positive, default=1e-6, metavar="LR",
-        help="learning rate of the first step (default: 1e-6)")
+    add("--min-lr", type=non_negative, default=1e-5, metavar="LR", help="the cosine's end (default: 1e-5)")
+    add("--warmup-lr", type=positive, default=1e-6, metavar="LR", help="the first step's lr (default: 1e-6)")
     add("--warmup-epochs", type=natural, metavar="N", help="epochs of linear warm-up (default: 5; cifar 5)")
-    add("--weight-decay", type=non_negative, default=0.05, metavar="WD",
-        help="AdamW decoupled weight decay, none on biases and other 1-D parameters (default: 0.05)")
-    add("--clip-grad", type=positive, metavar="NORM",
-        help="clip the gradients' global L2 norm to NORM (default: no clipping)")
+    add("--weight-decay", type=non_negative, default=0.05, metavar="WD", help="AdamW decoupled weight decay, "
+        "none on biases and other 1-D parameters (default: 0.05)")
+    add("--clip-grad", type=positive, metavar="NORM", help="clip the gradients' L2 norm (default: off)")
     # augmentation and regularisation
-    add("--smoothing", type=fraction, default=0.1, metavar="EPS",
-        help="label smoothing: share of each target spread over all classes (default: 0.1)")
-    add("--mixup", type=non_negative, default=0.8, metavar="ALPHA",
-        help="MixUp Beta(α, α) parameter, 0 = off (default: 0.8)")
-    add("--cutmix", type=non_negative, default=1.0, metavar="ALPHA",
-        help="CutMix Beta(α, α) parameter, 0 = off; with both on, each batch uses one (default: 1.0)")
-    add("--aa", type=aa_policy, default="rand-m9-n2", metavar="POLICY",
-        help="augmentation policy: rand-mM-nN (RandAugment, N ops of magnitude M on timm's 0-10 "
-             "scale), trivialaugment, or none (default: rand-m9-n2)")
-    add("--color-jitter", type=non_negative, default=0.4, metavar="F",
-        help="brightness/contrast/saturation jitter, only with --aa none, as in timm (default: 0.4)")
-    add("--reprob", type=fraction, default=0.25, metavar="P",
-        help="random-erasing probability per image (default: 0.25)")
+    add("--smoothing", type=fraction, default=0.1, metavar="EPS", help="label smoothing (default: 0.1)")
+    add("--mixup", type=non_negative, default=0.8, metavar="ALPHA", help="MixUp α, 0 = off (default: 0.8)")
+    add("--cutmix", type=non_negative, default=1.0, metavar="ALPHA", help="CutMix α, 0 = off; with both on, "
+        "each batch uses one (default: 1.0)")
+    add("--aa", type=aa_policy, default="rand-m9-n2", metavar="POLICY", help="rand-mM-nN (RandAugment, N "
+        "ops of magnitude M on timm's 0-10 scale), trivialaugment, or none (default: rand-m9-n2)")
+    add("--color-jitter", type=non_negative, default=0.4, metavar="F", help="brightness/contrast/saturation "
+        "jitter, only with --aa none, as in timm (default: 0.4)")
+    add("--reprob", type=fraction, default=0.25, metavar="P", help="random-erasing chance (default: 0.25)")
     add("--repeated-aug", action=argparse.BooleanOptionalAction,
-        help=f"repeated augmentation: each image {RA_REPEATS}× per epoch, on different processes "
-             "(default: on; cifar off)")
-    add("--model-ema", action=argparse.BooleanOptionalAction,
-        help="keep, evaluate and save an exponential moving average of the weights (default: on; cifar off)")
-    add("--model-ema-decay", type=fraction, default=0.99996, metavar="D",
-        help="EMA decay per step at global batch 512; D^(B/512) at batch B (default: 0.99996)")
+        help=f"each image {RA_REPEATS}× per epoch, on different processes (default: on; cifar off)")
+    add("--model-ema", action=argparse.BooleanOptionalAction, help="keep, evaluate and save an exponential "
+        "moving average of the weights (default: on; cifar off)")
+    add("--model-ema-decay", type=fraction, default=0.99996, metavar="D", help="EMA decay per step at "
+        "global batch 512; D^(B/512) at batch B (default: 0.99996)")
     # runtime
-    add("--amp", choices=["bf16", "fp16", "none"],
-        help="mixed precision: bf16 autocast, fp16 autocast with loss scaling (the release's), or none "
-             "= float32 (default: bf16 on GPUs that have it, else fp16; none on CPU)")
+    add("--amp", choices=["bf16", "fp16", "none"], help="bf16 or fp16 autocast (fp16 with loss scaling, "
+        "the release's), none = float32 (default: bf16 on GPUs that have it, else fp16; none on CPU)")
     add("--compile", action="store_true", help="wrap the model in torch.compile (default: off)")
-    add("--device", choices=["cuda", "cpu"],
-        help="where to compute; under torchrun process r takes cuda:LOCAL_RANK (default: cuda if available)")
-    add("--seed", type=seed_int, default=0, metavar="N",
-        help="random seed; process r augments with N + r (default: 0)")
-    add("--output-dir", metavar="DIR",
-        help="folder for log.jsonl and checkpoint.pth (default: output/MODEL_DATASET)")
-    add("--resume", metavar="PATH", help="checkpoint.pth to continue from; with --eval-only, any "
-                                         "checkpoint ravlt.load_checkpoint reads (default: none)")
-    add("--pretrained", nargs="?", const=True, metavar="PATH",
-        help="start from the release's ImageNet-1k weights for --model (no PATH; downloaded once into "
-             "torch's hub cache) or from PATH (any checkpoint ravlt.load_checkpoint reads), with a new "
-             "classifier when the number of classes differs (default: random init)")
-    add("--eval-only", action="store_true",
-        help="evaluate --resume's weights (and EMA weights, if any) on the val set, then stop (default: off)")
+    add("--device", choices=["cuda", "cpu"], help="where to compute; under torchrun process r takes "
+        "cuda:LOCAL_RANK (default: cuda if available)")
+    add("--seed", type=seed_int, default=0, metavar="N", help="random seed, N + r on process r (default: 0)")
+    add("--output-dir", metavar="DIR", help="for log.jsonl and checkpoint.pth, never another run's "
+        "(default: output/MODEL_DATASET; with --resume, its own)")
+    add("--resume", metavar="PATH", help="checkpoint.pth to continue (or extend, with more --epochs); "
+        "with --eval-only, any checkpoint ravlt.load_checkpoint reads (default: none)")
+    add("--pretrained", nargs="?", const=True, metavar="PATH", help="start from the release's ImageNet-1k "
+        "weights for --model (no PATH; downloaded once into torch's hub cache) or from PATH (any checkpoint "
+        "ravlt.load_checkpoint reads), a new classifier for another class count (default: random init)")
+    add("--eval-only", action="store_true", help="evaluate --resume's weights (and EMA weights, if any) on "
+        "the val set, then stop (default: off)")
     return p
 
 
@@ -170,25 +152,17 @@ def get_args_parser():
 # Data
 
 
-class RepeatAugSampler(torch.utils.data.Sampler):
-    """Repeated augmentation (DeiT's RASampler): every image appears RA_REPEATS times per epoch, the
-    copies on consecutive processes, so each process sees another augmentation of the same image.
-    An epoch is still about len(dataset) samples, i.e. it covers ~1/RA_REPEATS of the unique images."""
+class RepeatAugSampler(DistributedSampler):
+    """Repeated augmentation (DeiT's RASampler): each image RA_REPEATS times per epoch, the copies on
+    consecutive processes (other augmentations of it); an epoch covers ~1/RA_REPEATS of the images."""
 
     def __init__(self, num_images, num_replicas, rank, seed=0):
-        self.num_images, self.num_replicas, self.rank, self.seed = num_images, num_replicas, rank, seed
-        self.num_samples, self.epoch = math.ceil(num_images / num_replicas), 0  # per process
+        super().__init__(range(num_images), num_replicas, rank, seed=seed)  # ceil(n / replicas) each
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch  # the order depends only on (seed, epoch), so a resumed run replays it
-
-    def __iter__(self):
+    def __iter__(self):  # the order depends only on (seed, epoch), so a resumed run replays it
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_images, generator=g).repeat_interleave(RA_REPEATS)  # (3n,)
+        order = torch.randperm(len(self.dataset), generator=g).repeat_interleave(RA_REPEATS)  # (3n,)
         return iter(order[self.rank::self.num_replicas][:self.num_samples].tolist())
-
-    def __len__(self):
-        return self.num_samples
 
 
 class UnreadableImage(Exception):
@@ -225,8 +199,7 @@ def build_datasets(args, rank, world):
         for split in splits:
             folder = os.path.join(args.data_path, split)
             if not os.path.isdir(folder):
-                fail(f"no folder {folder}; --dataset imagenet expects DIR/train/<class>/<images> and "
-                     "DIR/val/<class>/<images>")
+                fail(f"no folder {folder}; --dataset imagenet expects DIR/{{train,val}}/<class>/<images>")
             try:
                 sets[split] = datasets.ImageFolder(folder, loader=load_image)
             except FileNotFoundError as e:  # no class folders, or no images in them
@@ -237,15 +210,36 @@ def build_datasets(args, rank, world):
         return sets, len(sets["val"].classes)
     cifar = datasets.CIFAR10 if args.dataset == "cifar10" else datasets.CIFAR100
     if rank == 0:  # one process downloads, the others wait at the barrier
+        made = first_missing(args.data_path)
         try:
             cifar(args.data_path, download=True)  # checks the files; downloads only when absent
         except (OSError, RuntimeError) as e:
+            if made:  # made by the download before it failed: a run that stops leaves nothing behind
+                shutil.rmtree(made, ignore_errors=True)
             fail(f"could not get {cifar.__name__} ({type(e).__name__}: {e}); offline? put {cifar.filename}"
                  f" from {cifar.url} (or its extracted {cifar.base_folder}/) into {args.data_path}/")
     if world > 1:
         dist.barrier()
     sets = {split: cifar(args.data_path, train=split == "train") for split in splits}
     return sets, len(sets["val"].classes)
+
+
+def build_loaders(sets, args, ckpt, device, rank, world):
+    # process r evaluates images r, r + world, ...; the sums are reduced, so every image counts once
+    val = DataLoader(Subset(sets["val"], range(rank, len(sets["val"]), world)), args.batch_size,
+                     num_workers=args.workers, pin_memory=device.type == "cuda")
+    if args.eval_only:
+        return val, None, None
+    seed = ckpt["sampler"]["seed"] if ckpt else args.seed  # data order: one seed for all processes
+    sampler = (RepeatAugSampler(len(sets["train"]), world, rank, seed) if args.repeated_aug else
+               DistributedSampler(sets["train"], world, rank, shuffle=True, seed=seed))
+    # new workers every epoch (not persistent_workers): their seeds come from the main process's
+    # generator, which the checkpoint saves, so a resumed epoch repeats the same augmentations
+    train = DataLoader(sets["train"], args.batch_size, sampler=sampler, drop_last=True,
+                       num_workers=args.workers, pin_memory=device.type == "cuda")
+    if len(train) == 0:
+        fail(f"{len(sampler)} training images per process, fewer than --batch-size {args.batch_size}")
+    return val, sampler, train
 
 
 def build_mix(args, num_classes):
@@ -281,75 +275,230 @@ def build_transforms(args, cfg):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints and random state
+# Before any work: the checkpoint, the defaults, the flags, the pretrained weights
 
 
-def read_checkpoint(path):
-    """ravlt.read_checkpoint (weights_only=True: a checkpoint is data, never code), read once."""
+def first_missing(path):
+    """The outermost folder that making `path` would create; None if it exists."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+def read_checkpoint(flag, path):
+    """ravlt.read_checkpoint: weights only (a checkpoint is data, never code); what is wrong, in one line."""
     try:
-        ckpt = ravlt.read_checkpoint(path)
+        return ravlt.read_checkpoint(path)
     except FileNotFoundError:
-        fail(f"--resume {path}: no such file")
+        fail(f"{flag} {path}: no such file")
     except ValueError as e:  # a directory, empty, truncated, not a checkpoint, ...
-        fail(str(e).strip().splitlines()[0])
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model", ckpt), dict):
-        fail(f"checkpoint {path} holds no state dict (expected a dict, or a dict with a 'model' entry)")
-    return ckpt
+        fail(f"{flag}: {str(e).strip().splitlines()[0]}")
 
 
-def load_weights(model, path, ckpt, use_ema=False):
-    """ravlt.load_checkpoint on the dict read once, refusing a classifier made for another number of
-    classes (which it would otherwise replace by the model's fresh head, as suits fine-tuning)."""
-    try:
-        ravlt.load_checkpoint(model, ckpt, use_ema=use_ema, new_head=False)
+def resolve_defaults(args, ckpt, device):
+    """The flags not given: the model, input size and data of a train.py checkpoint, then the preset."""
+    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
+    saved = saved if isinstance(saved, dict) else {}  # the release's files hold a Namespace of theirs
+    data = ("dataset", "data_path", "fake_samples") if args.dataset is None else ()  # all of them, or none
+    for key in ("model", "input_size", *data):
+        if getattr(args, key) is None:
+            setattr(args, key, saved.get(key))
+    args.model, args.dataset = args.model or "ravlt_t", args.dataset or "cifar10"
+    cifar = args.dataset.startswith("cifar")
+    for key, value in dict(PRESETS["cifar" if cifar else "imagenet"], fake_samples=512).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.data_path = args.data_path or ("data" if cifar else None)
+    resumed = args.resume and not args.eval_only  # it goes on in the checkpoint's folder
+    args.output_dir = args.output_dir or ((os.path.dirname(args.resume) or ".") if resumed else
+                                          os.path.join("output", f"{args.model}_{args.dataset}"))
+    cuda = device.type == "cuda"
+    args.amp = args.amp or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "none")
+
+
+def check_flags(args, ckpt, world):
+    """Refused before any work: flags that do not go together, a checkpoint without weights, a resume that
+    cannot go on exactly (other data; another global batch, so peak lr), an output folder that cannot be
+    written or holds another run. The lr follows the other flags: a larger --epochs, a longer cosine."""
+    if args.eval_only and not args.resume:
+        fail("--eval-only needs --resume PATH, the checkpoint to evaluate")
+    if args.pretrained is not None and args.resume:
+        fail("--pretrained starts a new run from given weights, --resume continues a run: give one")
+    try:  # ravlt owns the test that a checkpoint holds weights
+        ckpt is None or ravlt._state_dict(ckpt, f"checkpoint {args.resume}", use_ema=False)
     except ValueError as e:
-        fail(f"{path}: {str(e).splitlines()[0]}")
+        fail(f"--resume: {e}")
+    if args.eval_only:
+        return
+    if ckpt is not None and (lost := [k for k in TRAIN_STATE if k not in ckpt]):
+        fail(f"--resume {args.resume} is not a train.py checkpoint (no {', '.join(lost)}); "
+             "to evaluate it, add --eval-only")
+    if ckpt is not None:  # the batch size per process may change with the processes, not the global batch
+        was = dict(ckpt["args"], batch_size=f"global batch {ckpt['args']['batch_size'] * len(ckpt['rng'])}")
+        now = dict(vars(args), batch_size=f"global batch {args.batch_size * world}")
+        for key in ("dataset", "batch_size", "fake_samples")[:2 + (args.dataset == "fake")]:
+            if now[key] != was[key]:
+                fail(f"--{key.replace('_', '-')}: {args.resume} was trained with {was[key]}, this run "
+                     f"{now[key]}; a resumed run keeps its data and global batch (so its peak lr): give "
+                     "those, or start a new run from its weights with --pretrained")
+    missing = first_missing(args.output_dir)  # checked, not made: save makes it after the first epoch
+    parent = os.path.dirname(missing) if missing else args.output_dir  # the folder that takes a new entry
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        fail(f"--output-dir {args.output_dir} is a file, not a folder")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"--output-dir {args.output_dir} cannot be created or written (in {parent})")
+    held = os.path.join(args.output_dir, "checkpoint.pth")
+    if os.path.isfile(held) and not (args.resume and os.path.samefile(held, args.resume)):
+        old = read_checkpoint("--output-dir", held)
+        fail(f"--output-dir {args.output_dir} holds a run of {old.get('model_config', {}).get('name')} at "
+             f"epoch {old.get('epoch')}: continue it with --resume {held}, or give another --output-dir")
 
 
-def prepare_output_dir(folder):
-    """Create --output-dir and prove it writable now, so that a bad one fails before any work."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        fail(f"--output-dir {folder} is a file, not a folder")
+def read_pretrained(args, rank, world):
+    """--pretrained's (path, checkpoint): PATH, or the release's file for --model, which process 0
+    downloads into torch's hub cache while the others wait."""
+    path = args.pretrained
+    if path is True:
+        if args.model not in ravlt.PRETRAINED:
+            fail(f"--pretrained: {args.model} has no released weights ({', '.join(ravlt.PRETRAINED)} have); "
+                 "give a PATH")
+        if rank > 0:
+            dist.barrier()
+        try:
+            path = ravlt.download_checkpoint(args.model)
+        except RuntimeError as e:  # offline, ...: it says where to put the file by hand
+            fail(f"--pretrained: {str(e).splitlines()[0]}")
+        if rank == 0 and world > 1:
+            dist.barrier()
+    return path, read_checkpoint("--pretrained", path)
+
+
+def load_weights(model, flag, path, ckpt, use_ema=False):
+    """--pretrained's weights, with a new classifier for another class count; --resume's, which must fit."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        fail(f"--output-dir {folder} cannot be created or written ({e.strerror or e})")
+        ravlt.load_checkpoint(model, ckpt, use_ema=use_ema, new_head=flag == "--pretrained")
+    except ValueError as e:
+        fail(f"{flag} {path}: {str(e).splitlines()[0]}")
 
 
-def save_checkpoint(state, path):
+# -----------------------------------------------------------------------------
+# Model, optimizer and lr schedule, resume, checkpoint
+
+
+def build_model(args, num_classes, device, world):
+    overrides = {} if args.drop_path is None else dict(drop_path_rate=args.drop_path)
+    # with --compile the whole model is compiled, the attention core included
+    model = ravlt.create_model(args.model, num_classes=num_classes,
+                               compile_attn=False if args.compile else None, **overrides).to(device)
+    if world > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch, as released
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def build_optimizer(model, args, steps, world, device):
+    """AdamW (no weight decay on 1-D parameters) and schedule(step), the lr of each step: warm-up, then
+    cosine. A function of the flags alone: a resumed run, even one given more --epochs, follows it."""
+    peak = args.lr * args.batch_size * world / 512  # --lr is per 512 images of global batch
+    groups = [dict(params=[p for p in model.parameters() if p.ndim > 1], weight_decay=args.weight_decay),
+              dict(params=[p for p in model.parameters() if p.ndim <= 1], weight_decay=0.0)]
+    optimizer = torch.optim.AdamW(groups, lr=peak, fused=device.type == "cuda")
+    warmup, total, first = args.warmup_epochs * steps, args.epochs * steps, min(args.warmup_lr, peak)
+
+    def schedule(step):
+        if step < warmup:
+            return first + (peak - first) * step / warmup
+        done = (step - warmup) / max(1, total - warmup)  # 0 to 1 over the cosine
+        return args.min_lr + (peak - args.min_lr) * (1 + math.cos(math.pi * done)) / 2
+    return optimizer, schedule
+
+
+def build_ema(model, args, world):
+    """An EMA of the weights, or None; decay D^(B/512) per step at global batch B: the same per image."""
+    if not args.model_ema:
+        return None
+    decay = args.model_ema_decay ** (args.batch_size * world / 512)
+    model_ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    model_ema.update_parameters(model)  # the first update only copies: start from these weights
+    return model_ema
+
+
+def restore(ckpt, model, model_ema, optimizer, scaler, args, device, rank, world, log):
+    """--resume's weights, EMA, AdamW moments (hyper-parameters: the flags'), loss scale, random state."""
+    load_weights(model, "--resume", args.resume, ckpt)
+    if model_ema is not None and "model_ema" not in ckpt:
+        log(f"note: {args.resume} has no EMA weights; the EMA restarts from the model's")
+    if model_ema is not None:
+        model_ema.module.load_state_dict(ckpt.get("model_ema", model.state_dict()))
+    optimizer.load_state_dict(dict(ckpt["optimizer"], param_groups=optimizer.state_dict()["param_groups"]))
+    scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) == world:  # each process goes on with its own random streams
+        rng = ckpt["rng"][rank]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    else:
+        log(f"note: checkpoint from {len(ckpt['rng'])} processes, now {world}: random state reseeded")
+    if ckpt["epoch"] >= args.epochs:
+        log(f"nothing to do: {args.resume} is at epoch {ckpt['epoch']} of --epochs {args.epochs}; "
+            "raise --epochs to train on")
+    return ckpt["epoch"]
+
+
+def wrap(model, args, world):
+    """The module that trains (DDP across processes, then compiled) and the one that evaluates (compiled,
+    outside DDP: the processes' val shards may differ)."""
+    # DDP flags depthwise weights (C, 1, k, k) whose gradient strides differ only on the size-1 dim:
+    # the memory layout is the same, so the warning is noise
+    warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
+    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    return (torch.compile(train_model), torch.compile(model)) if args.compile else (train_model, model)
+
+
+def save(row, model, model_ema, optimizer, scaler, sampler, args, device, rank, world):
+    """checkpoint.pth replaced (the model's own keys, no DDP or compile prefix) with every process's
+    random state; `row` appended to log.jsonl, which epoch 1 starts anew, and printed."""
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate(),
+               **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
+    states = [rng] * world
+    if world > 1:  # every process's generators, so that each resumes its own random streams
+        dist.all_gather_object(states, rng)
+    if rank > 0:
+        return
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                 epoch=row["epoch"], rng=states, sampler=dict(seed=sampler.seed, next_epoch=row["epoch"]),
+                 args=dict(vars(args)), model_config=dict(name=args.model, **vars(model.cfg)))
+    if model_ema is not None:
+        state["model_ema"] = model_ema.module.state_dict()
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    os.makedirs(args.output_dir, exist_ok=True)  # only now: a run that stops before leaves nothing
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash leaves the old file or the new one, never half
-
-
-def rng_state(device):
-    state = dict(torch=torch.get_rng_state(), python=random.getstate())
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+    with open(os.path.join(args.output_dir, "log.jsonl"), "w" if row["epoch"] == 1 else "a") as f:
+        f.write(json.dumps(row) + "\n")
+    ema = f", EMA acc1 {row['ema_val_acc1']:.2f}" if model_ema is not None else ""
+    print(f"epoch {row['epoch']}/{args.epochs}: train loss {row['train_loss']:.4f}, val loss "
+          f"{row['val_loss']:.4f}, acc1 {row['val_acc1']:.2f}, acc5 {row['val_acc5']:.2f}{ema}, "
+          f"lr {row['lr']:.3g}, {row['img_per_s']:.0f} img/s, {row['epoch_time']:.1f} s")
 
 
 # -----------------------------------------------------------------------------
 # One epoch of training, one pass of evaluation
 
 
-def train_one_epoch(model, raw_model, model_ema, criterion, mix, loader, optimizer, scheduler, scaler,
+def train_one_epoch(model, raw_model, model_ema, criterion, mix, loader, optimizer, schedule, scaler,
                     device, amp_dtype, epoch, args):
     """Mean training loss, the last step's learning rate, and images/s, all processes together."""
     model.train()
     world = dist.get_world_size() if dist.is_initialized() else 1
-    loss_sum = torch.zeros((), device=device)
-    bar = tqdm(loader, f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=not is_main())
-    start = time.perf_counter()
+    loss_sum, start = torch.zeros((), device=device), time.perf_counter()
+    bar = tqdm(loader, f"epoch {epoch + 1}/{args.epochs}", leave=False,
+               disable=world > 1 and dist.get_rank() > 0)
     for step, (images, targets) in enumerate(bar):
+        lr = schedule(epoch * len(loader) + step)  # every step: warm-up and cosine smooth over few epochs
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if mix is not None:
             images, targets = mix(images, targets)  # targets (B,) -> (B, classes) mixed one-hots
@@ -360,29 +509,31 @@ def train_one_epoch(model, raw_model, model_ema, criterion, mix, loader, optimiz
         if args.clip_grad:
             scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
             nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
-        lr = optimizer.param_groups[0]["lr"]
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()  # per step, so warm-up and cosine stay smooth even over few epochs
         if model_ema is not None:
             model_ema.update_parameters(raw_model)
         loss_sum += loss.detach()
         if step % 10 == 0 or step == len(loader) - 1:  # .item() waits for the GPU: not every step
-            if not math.isfinite(value := loss.item()):
-                print(f"train.py: loss is {value} at epoch {epoch + 1}, step {step}; try a lower --lr or "
-                      "--clip-grad", file=sys.stderr)
-                raise SystemExit(1)
+            if not math.isfinite(value := loss.item()):  # exit code 1, the message on stderr
+                raise SystemExit(f"train.py: loss is {value} at epoch {epoch + 1}, step {step}; try a lower "
+                                 "--lr or --clip-grad")
             speed = (step + 1) * len(images) * world / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
     elapsed = time.perf_counter() - start
     if world > 1:
         dist.all_reduce(loss_sum)
+    if world > 1 and device.type != "cuda":  # no SyncBatchNorm on CPU: statistics drift apart
+        for buffer in filter(torch.is_floating_point, [*raw_model.buffers(), *(model_ema.module.buffers()
+                                                                               if model_ema else [])]):
+            dist.all_reduce(buffer)
+            buffer /= world
     return dict(train_loss=loss_sum.item() / (len(loader) * world), lr=lr,
                 img_per_s=len(loader) * args.batch_size * world / elapsed)
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp_dtype):
+def evaluate(model, loader, device, amp_dtype, prefix="val_"):
     """Cross-entropy and top-1/top-5 accuracy (%) over the whole val set; each process holds a shard."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, images
@@ -391,22 +542,31 @@ def evaluate(model, loader, device, amp_dtype):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images).float()  # (B, classes)
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]  # (B, 5)
-        totals[0] += F.cross_entropy(logits, targets, reduction="sum")
+        totals[0] += nn.functional.cross_entropy(logits, targets, reduction="sum")
         totals[1] += hits[:, 0].sum()
         totals[2] += hits.any(1).sum()
         totals[3] += len(targets)
     if dist.is_initialized():
         dist.all_reduce(totals)
     loss, top1, top5, n = totals.tolist()
-    return dict(loss=loss / n, acc1=100 * top1 / n, acc5=100 * top5 / n)
+    return {prefix + "loss": loss / n, prefix + "acc1": 100 * top1 / n, prefix + "acc5": 100 * top5 / n}
+
+
+def evaluate_checkpoint(model, ckpt, loader, device, amp_dtype, args, log):
+    """--eval-only: the weights, and the EMA weights if any; one line for people, one JSON line."""
+    results, text = {}, []
+    for prefix, use_ema in [("val_", False)] + [("ema_val_", True)] * ("model_ema" in ckpt):
+        load_weights(model, "--resume", args.resume, ckpt, use_ema)
+        results.update(r := evaluate(model, loader, device, amp_dtype, prefix))
+        text.append(f"{'EMA' if use_ema else 'weights'} top-1 {r[prefix + 'acc1']:.2f}%, top-5 "
+                    f"{r[prefix + 'acc5']:.2f}%, loss {r[prefix + 'loss']:.4f}")
+    log(f"{args.resume} on {args.dataset} val ({len(loader.dataset.dataset)} images): {'; '.join(text)}")
+    log(json.dumps(results))
+    return results
 
 
 # -----------------------------------------------------------------------------
 # Main
-
-
-def is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def init_distributed(args):
@@ -414,6 +574,9 @@ def init_distributed(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda, but no CUDA GPU is visible")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolutions once
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if "RANK" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
@@ -424,197 +587,68 @@ def init_distributed(args):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def finish_distributed():
-    # all processes reach the end before the group goes: tearing it down while another process is
-    # still saving or evaluating can hang (pytorch/pytorch#75097), hence the barrier first
+def main(args):
+    """run(args), with an image that cannot be decoded turned into one line saying what to do."""
+    try:
+        result = run(args)
+    except UnreadableImage as e:  # a checkpoint in the output folder is this run's, or the one resumed
+        saved = os.path.join(args.output_dir, "checkpoint.pth")
+        saved = saved if os.path.isfile(saved) else args.resume
+        fail(f"{e}; fix or delete it, then " +
+             (f"continue with --resume {saved}" if saved and not args.eval_only else "run again"))
+    # a barrier first: tearing the group down while a process still saves can hang (pytorch#75097)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def main(args):
-    """run(args), with an image that cannot be decoded turned into one line saying what to do."""
-    started = time.time()
-    try:
-        return run(args)
-    except UnreadableImage as e:
-        saved = os.path.join(args.output_dir, "checkpoint.pth")  # this run's last finished epoch
-        saved = saved if os.path.isfile(saved) and os.path.getmtime(saved) >= started else args.resume
-        fail(f"{e}; fix or delete it, then " +
-             (f"continue with --resume {saved}" if saved and not args.eval_only else "run again"))
+    return result
 
 
 def run(args):
     rank, world, device = init_distributed(args)
     log = print if rank == 0 else (lambda *a, **k: None)
-    cifar = args.dataset.startswith("cifar")
-    for key, value in PRESETS["cifar" if cifar else "imagenet"].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.data_path = args.data_path or ("data" if cifar else None)
-    args.output_dir = args.output_dir or os.path.join("output", f"{args.model}_{args.dataset}")
-    if args.amp is None:
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        args.amp = "none" if device.type == "cpu" else "bf16" if bf16 else "fp16"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolutions once
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.eval_only and not args.resume:
-        fail("--eval-only needs --resume PATH, the checkpoint to evaluate")
-    if args.pretrained is not None and args.resume:
-        fail("--pretrained starts a new run from given weights, --resume continues a run: give one")
-    if args.pretrained is True and args.model not in ravlt.PRETRAINED:
-        fail(f"--pretrained: {args.model} has no released weights ({', '.join(ravlt.PRETRAINED)} have); "
-             "give a PATH")
-    if isinstance(args.pretrained, str) and not os.path.isfile(args.pretrained):
-        fail(f"--pretrained {args.pretrained}: no such file")
-    ckpt = read_checkpoint(args.resume) if args.resume else None  # a bad file fails before any work
-    if ckpt is not None and not args.eval_only and (lost := [k for k in TRAIN_STATE if k not in ckpt]):
-        fail(f"--resume {args.resume} is not a train.py checkpoint (no {', '.join(lost)}); "
-             "to evaluate it, add --eval-only")
-    if not args.eval_only:
-        prepare_output_dir(args.output_dir)
+    ckpt = read_checkpoint("--resume", args.resume) if args.resume else None
+    resolve_defaults(args, ckpt, device)
+    check_flags(args, ckpt, world)
+    pretrained = read_pretrained(args, rank, world) if args.pretrained is not None else None
 
     torch.manual_seed(args.seed)  # the same initial weights on every process
     sets, num_classes = build_datasets(args, rank, world)
-    overrides = {} if args.drop_path is None else dict(drop_path_rate=args.drop_path)
-    # with --compile the whole model is compiled, the attention core included
-    model = ravlt.create_model(args.model, num_classes=num_classes,
-                               compile_attn=False if args.compile else None, **overrides).to(device)
-    if args.pretrained is not None:  # fine-tuning: a new head when the class count differs
-        path = args.pretrained
-        try:
-            if path is True:  # process 0 downloads (when not cached), the others then read its file
-                if rank > 0:
-                    dist.barrier()
-                path = ravlt.download_checkpoint(args.model)
-                if rank == 0 and world > 1:
-                    dist.barrier()
-            ravlt.load_checkpoint(model, path)
-        except (ValueError, RuntimeError) as e:
-            fail(f"--pretrained: {str(e).splitlines()[0]}")
-        log(f"weights from {path}")
+    val_loader, sampler, train_loader = build_loaders(sets, args, ckpt, device, rank, world)
+    model = build_model(args, num_classes, device, world)
     train_tf, sets["val"].transform = build_transforms(args, model.pretrained_cfg)
-    # process r evaluates images r, r + world, ...; the sums are reduced, so every image counts once
-    val_loader = DataLoader(Subset(sets["val"], range(rank, len(sets["val"]), world)), args.batch_size,
-                            num_workers=args.workers, pin_memory=device.type == "cuda")
-
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     if args.eval_only:
-        results = {}
-        for prefix, use_ema in [("val_", False)] + [("ema_val_", True)] * ("model_ema" in ckpt):
-            load_weights(model, args.resume, ckpt, use_ema)
-            results.update({prefix + k: v for k, v in evaluate(model, val_loader, device, amp_dtype).items()})
-        log(json.dumps(results))
-        finish_distributed()
-        return results
-
+        return evaluate_checkpoint(model, ckpt, val_loader, device, amp_dtype, args, log)
     sets["train"].transform = train_tf
-    if ckpt is not None:
-        load_weights(model, args.resume, ckpt)
-    if world > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch, as released
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    seed = ckpt["sampler"]["seed"] if ckpt else args.seed  # data order: one seed for all processes
-    sampler = (RepeatAugSampler(len(sets["train"]), world, rank, seed) if args.repeated_aug else
-               DistributedSampler(sets["train"], world, rank, shuffle=True, seed=seed))
-    # new workers every epoch (not persistent_workers): their seeds come from the main process's
-    # generator, which the checkpoint saves, so a resumed epoch repeats the same augmentations
-    train_loader = DataLoader(sets["train"], args.batch_size, sampler=sampler, drop_last=True,
-                              num_workers=args.workers, pin_memory=device.type == "cuda")
-    if (steps := len(train_loader)) == 0:
-        fail(f"{len(sampler)} training images per process, fewer than --batch-size {args.batch_size}")
-
-    global_batch = args.batch_size * world
-    lr = args.lr * global_batch / 512
-    decay = [p for p in model.parameters() if p.ndim > 1]  # biases, BN and LN weights: no decay
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
-    warmup, total = args.warmup_epochs * steps, args.epochs * steps
-    scheduler = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=args.min_lr)
-    if warmup > 0:
-        linear = LinearLR(optimizer, min(1.0, args.warmup_lr / lr), 1.0, total_iters=warmup)
-        scheduler = SequentialLR(optimizer, [linear, scheduler], milestones=[warmup])
+    if pretrained is not None:  # fine-tuning: a new head when the class count differs
+        load_weights(model, "--pretrained", *pretrained)
+        log(f"weights from {pretrained[0]}")
+    optimizer, schedule = build_optimizer(model, args, len(train_loader), world, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    mix = build_mix(args, num_classes)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)  # also takes mixed soft targets
-    model_ema = None
-    if args.model_ema:  # decay per step: D^(B/512) at batch B keeps the same decay per image seen
-        ema_decay = args.model_ema_decay ** (global_batch / 512)
-        model_ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-        model_ema.update_parameters(model)  # the first update only copies: start from these weights
-
-    start_epoch = 0
-    if ckpt is not None:
-        if model_ema is not None and "model_ema" in ckpt:
-            model_ema.module.load_state_dict(ckpt["model_ema"])
-        elif model_ema is not None:
-            log(f"note: {args.resume} has no EMA weights; the EMA restarts from the model's")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"]
+    model_ema = build_ema(model, args, world)
     torch.manual_seed(args.seed + rank)  # different augmentations and drop-path masks per process
     random.seed(args.seed + rank)
-    if ckpt is not None and len(ckpt["rng"]) == world:
-        set_rng_state(ckpt["rng"][rank], device)
-    elif ckpt is not None:
-        log(f"note: checkpoint from {len(ckpt['rng'])} processes, now {world}: random state reseeded")
-
-    # DDP flags depthwise weights (C, 1, k, k) whose gradient strides differ only on the size-1 dim:
-    # the memory layout is the same, so the warning is noise
-    warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
-    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    train_model = torch.compile(train_model) if args.compile else train_model
-    eval_model = torch.compile(model) if args.compile else model  # outside DDP: shards may differ
-
-    log_path, ckpt_path = (os.path.join(args.output_dir, f) for f in ("log.jsonl", "checkpoint.pth"))
-    if rank == 0 and ckpt is None:
-        open(log_path, "w").close()  # a fresh run starts a fresh log
+    start_epoch = 0 if ckpt is None else restore(ckpt, model, model_ema, optimizer, scaler, args, device,
+                                                 rank, world, log)
+    train_model, eval_model = wrap(model, args, world)
+    mix, criterion = build_mix(args, num_classes), nn.CrossEntropyLoss(label_smoothing=args.smoothing)
     log(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {num_classes} "
         f"classes, {len(sets['train'])} train / {len(sets['val'])} val images, {world} process(es) on "
-        f"{device.type}, global batch {global_batch}, peak lr {lr:.3g}, amp {args.amp}")
-    if start_epoch >= args.epochs:
-        log(f"nothing to do: {args.resume} is at epoch {start_epoch} of --epochs {args.epochs}; "
-            "raise --epochs to train on")
+        f"{device.type}, global batch {args.batch_size * world}, peak lr {optimizer.defaults['lr']:.3g}, "
+        f"amp {args.amp}")
 
     row = {}
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         start = time.perf_counter()
-        trained = train_one_epoch(train_model, model, model_ema, criterion, mix, train_loader, optimizer,
-                                  scheduler, scaler, device, amp_dtype, epoch, args)
-        if world > 1 and device.type != "cuda":  # no SyncBatchNorm on CPU: statistics drift apart
-            for buffer in [*model.buffers(), *(model_ema.module.buffers() if model_ema else [])]:
-                if buffer.is_floating_point():
-                    dist.all_reduce(buffer)
-                    buffer /= world
-        val = evaluate(eval_model, val_loader, device, amp_dtype)
-        row = dict(epoch=epoch + 1, train_loss=trained["train_loss"], val_loss=val["loss"],
-                   val_acc1=val["acc1"], val_acc5=val["acc5"], lr=trained["lr"],
-                   img_per_s=trained["img_per_s"])
+        row = dict(epoch=epoch + 1, **train_one_epoch(train_model, model, model_ema, criterion, mix,
+                                                      train_loader, optimizer, schedule, scaler, device,
+                                                      amp_dtype, epoch, args))
+        row.update(evaluate(eval_model, val_loader, device, amp_dtype, "val_"))
         if model_ema is not None:
-            ema = evaluate(model_ema.module, val_loader, device, amp_dtype)
-            row.update(ema_val_loss=ema["loss"], ema_val_acc1=ema["acc1"], ema_val_acc5=ema["acc5"])
+            row.update(evaluate(model_ema.module, val_loader, device, amp_dtype, "ema_val_"))
         row["epoch_time"] = time.perf_counter() - start
-        states = [rng_state(device)] * world
-        if world > 1:  # every process's generators, so that each resumes its own random stream
-            dist.all_gather_object(states, rng_state(device))
-        if rank == 0:
-            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch + 1,
-                         rng=states, sampler=dict(seed=seed, next_epoch=epoch + 1), args=dict(vars(args)),
-                         model_config=dict(name=args.model, **dataclasses.asdict(model.cfg)))
-            if model_ema is not None:
-                state["model_ema"] = model_ema.module.state_dict()
-            save_checkpoint(state, ckpt_path)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        ema_text = f", EMA acc1 {row['ema_val_acc1']:.2f}" if model_ema is not None else ""
-        log(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f}, val loss "
-            f"{row['val_loss']:.4f}, acc1 {row['val_acc1']:.2f}, acc5 {row['val_acc5']:.2f}{ema_text}, "
-            f"lr {row['lr']:.3g}, {row['img_per_s']:.0f} img/s, {row['epoch_time']:.1f} s")
-    finish_distributed()
+        save(row, model, model_ema, optimizer, scaler, sampler, args, device, rank, world)
     return row
 
 
