@@ -193,8 +193,9 @@ _CORES = {"rala": rala, "softmax": softmax_attention}
 
 @functools.cache
 def _compiled(kind):
-    # one compiled core per kind, shared by all layers: inductor fuses RALA's element-wise steps
-    return torch.compile(_CORES[kind])
+    # one compiled core per kind, shared by all layers: inductor fuses RALA's element-wise steps.
+    # Sizes dynamic from the start: the stages' (h, N) differ, and so do detectors' images
+    return torch.compile(_CORES[kind], dynamic=True)
 
 
 class Attention(nn.Module):

@@ -398,19 +398,26 @@ def test_compiled_attention_equals_eager_on_cpu():
 
 
 @slow
-def test_compiled_attention_gives_eager_gradients_on_cpu():
-    # on CUDA the compiled cores are the default for training: their backward (inductor's, through
-    # phi's and rope's compiled forms) must give the eager gradients
-    torch.manual_seed(0)
-    x, target = torch.randn(2, 3, 64, 48), torch.tensor([1, 7])
+def test_compiled_attention_gives_eager_gradients_over_five_sizes():
+    # on CUDA the compiled cores are the default for training, detectors' varying image sizes included:
+    # their backward (inductor's) gives eager's gradients, and five sizes cost at most two
+    # compilations of each core (dynamic sizes from the start; one more where the heads are one)
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    ravlt._compiled.cache_clear()
+    counters.clear()
     eager = randomize_(ravlt.create_model("ravlt_nano", compile_attn=False, drop_path_rate=0.0))
     compiled = ravlt.create_model("ravlt_nano", compile_attn=True, drop_path_rate=0.0)
     compiled.load_state_dict(eager.state_dict())
-    grads = []
-    for model in (eager, compiled):
-        F.cross_entropy(model.train()(x), target).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert rel_err(grads[1], grads[0]) < 1e-4
+    for size in ((96, 80), (80, 112), (112, 72), (72, 96), (120, 88)):
+        x, grads = torch.randn(2, 3, *size), []
+        for model in (eager, compiled):
+            model.zero_grad()
+            F.cross_entropy(model.train()(x), torch.tensor([1, 7])).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert rel_err(grads[1], grads[0]) < 1e-5, size
+    assert ravlt._compiled.cache_info().currsize == 2  # RALA and softmax cores
+    assert counters["stats"]["unique_graphs"] <= 2 * 2
 
 
 # --- torch.compile of the whole model: one graph, all code generated, eager's numbers ---
@@ -466,12 +473,15 @@ def test_whole_model_compiled_equals_eager_and_is_all_generated_code():
             warnings.simplefilter("always")
             loss, codes = run_and_get_code(step)
         grads = torch.cat([p.grad.flatten() for p in net.parameters()])
-        states.append((loss.detach(), grads, [p.detach().clone() for p in net.parameters()], codes, caught))
+        states.append((loss.detach(), grads, torch.cat([p.detach().flatten() for p in net.parameters()]),
+                       codes, caught))
     (loss0, grads0, params0, _, _), (loss1, grads1, params1, codes, caught) = states
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
     assert rel_err(grads1, grads0) < 1e-5
-    for p1, p0 in zip(params1, params0):
-        torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
+    # AdamW's first step is about lr·sign(gradient): where a gradient is round-off (a conv bias
+    # before BatchNorm: zero in exact arithmetic) either sign is right, so those elements are skipped
+    real = grads0.abs() > 1e-4 * grads0.abs().max()
+    torch.testing.assert_close(params1[real], params0[real], rtol=1e-5, atol=1e-6)
     # forward and backward are generated code, but for convolutions, matrix products and attention
     assert len(codes) == 2  # one forward, one backward
     calls = {call for code in codes for call in compiled_calls(code)}
@@ -1080,6 +1090,22 @@ def test_train_resume_is_exact(fake_run, tmp_path, monkeypatch, capsys):
     final = load_ckpt(tmp_path / "checkpoint.pth")
     for key in ("model", "model_ema"):
         assert all(torch.equal(v, ckpt[key][k]) for k, v in final[key].items()), key
+
+
+@slow
+def test_train_compile_runs_and_resumes(fake_run, tmp_path):
+    # --compile: the whole model compiled, for training and for evaluation; epoch 1 in one run, epoch 2
+    # in a resumed one, again compiled, follow the eager run; the checkpoint keeps the model's own keys
+    _, log, ckpt = fake_run
+    run_train(tmp_path, *FAKE_RUN, "--compile", "--epochs", 1)
+    first = load_ckpt(tmp_path / "checkpoint.pth")
+    assert first["model"].keys() == ckpt["model"].keys() and first["model_ema"].keys() == ckpt["model_ema"].keys()
+    run_train(tmp_path, *FAKE_RUN, "--compile", "--resume", tmp_path / "checkpoint.pth")
+    compiled = read_log(tmp_path)
+    assert [row["epoch"] for row in compiled] == [1, 2]
+    for row, eager in zip(compiled, log):
+        for key in ("train_loss", "val_loss", "ema_val_loss", "lr"):
+            assert row[key] == pytest.approx(eager[key], rel=1e-3), key
 
 
 def test_train_eval_only_ours_and_release_format(fake_run, tmp_path):
