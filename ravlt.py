@@ -22,6 +22,7 @@ State-dict keys are the release's: its checkpoints load as they are. `python rav
 import argparse
 import contextlib
 import functools
+import math
 import os
 import zipfile
 from collections import OrderedDict
@@ -30,6 +31,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # Config: one value per stage in every tuple
@@ -297,11 +299,13 @@ class Stage(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, num_heads, kind, mlp_ratio, p, layer_scale, compile_attn)
                                     for p in drop_paths)  # one block per drop-path rate
         self.downsample = downsample(dim, out_dim) if out_dim else None  # RAVLT.forward_stages calls it
+        self.grad_checkpointing = False
 
     def forward(self, x):
         rot = self.RoPE(*x.shape[-2:])  # (cos θ, sin θ), each (d/2, N)
-        for block in self.blocks:
-            x = block(x, rot)
+        for block in self.blocks:  # checkpointed: activations recomputed in backward, not kept
+            recompute = self.grad_checkpointing and torch.is_grad_enabled()
+            x = checkpoint(block, x, rot, use_reentrant=False) if recompute else block(x, rot)
         return x
 
 
@@ -319,6 +323,16 @@ def stem(in_chans, dim):
 # The model
 
 
+class FeatureInfo(list):
+    """timm's `feature_info`: per output map a dict of its channels, stride and source module."""
+
+    def channels(self):
+        return [info["num_chs"] for info in self]
+
+    def reduction(self):
+        return [info["reduction"] for info in self]
+
+
 class RAVLT(nn.Module):
     """Stem (stride 4), four stages with downsampling between them, then the classifier head."""
     # channels-last memory (a pixel's C values side by side; shapes unchanged): faster convolutions
@@ -331,6 +345,8 @@ class RAVLT(nn.Module):
         self.cfg, self.features_only, self.norm_eval = cfg, features_only, norm_eval
         self.num_classes, self.in_chans = cfg.num_classes, cfg.in_chans
         self.feature_channels = tuple(cfg.dims)
+        self.feature_info = FeatureInfo(dict(num_chs=dim, reduction=2 ** (i + 2), module=("extra_norms" if out_norm
+                                        else "layers") + f".{i}") for i, dim in enumerate(cfg.dims))
         self.patch_embed = nn.Module()  # a namespace, so that the keys read patch_embed.proj.*
         self.patch_embed.proj = stem(cfg.in_chans, cfg.dims[0])
         n = sum(cfg.depths)  # stochastic depth: the drop-path rate grows linearly from 0 over all n blocks
@@ -365,6 +381,10 @@ class RAVLT(nn.Module):
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()
         return self
+
+    def set_grad_checkpointing(self, enable=True):
+        for stage in self.layers:  # less activation memory for one more forward per block in training
+            stage.grad_checkpointing = enable
 
     def reset_classifier(self, num_classes):
         self.num_classes = num_classes
@@ -458,6 +478,15 @@ def _state_dict(ckpt, name, use_ema):
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}  # DDP, compile
 
 
+def adapt_input_conv(weight, in_chans):
+    """A first conv's RGB kernels (out, 3, k, k) for in_chans inputs, by timm's rule: 1 channel takes
+    their sum (a gray image then gives what the RGB model gives on it repeated in R, G, B); C channels
+    take them repeated and cut to C, scaled by 3/C."""
+    if in_chans == 1:
+        return weight.sum(1, keepdim=True)
+    return weight.repeat(1, math.ceil(in_chans / 3), 1, 1)[:, :in_chans] * (3 / in_chans)
+
+
 def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
     """Load weights into `model` strictly and return it. `checkpoint`: a path or a dict from
     `read_checkpoint`, any file `_state_dict` reads (detectors' into features-only models, which have
@@ -466,6 +495,9 @@ def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
     name = "the checkpoint" if isinstance(checkpoint, dict) else f"checkpoint {checkpoint}"
     ckpt = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     sd, own = _state_dict(ckpt, name, use_ema), model.state_dict()
+    first = "patch_embed.proj.0.weight"  # RGB weights into a model of other input channels (in_chans)
+    if sd.get(first, own[first]).shape[1] == 3 and own[first].shape[1] != 3:
+        sd = {**sd, first: adapt_input_conv(sd[first], own[first].shape[1])}
     top = ("proj.", "norm.", "head.")  # the classifier, which a features-only model lacks
 
     def body(state):  # the backbone's shapes (out-norms aside: a detector's own addition)
@@ -547,14 +579,16 @@ def download_checkpoint(name):
 
 
 def create_model(name, pretrained=None, features_only=False, compile_attn=None, norm_eval=False,
-                 out_norm=False, **overrides):
+                 out_norm=False, grad_checkpointing=False, **overrides):
     """Build a RAVLT variant: create_model("ravlt_t", num_classes=10, attn=("rala",) * 4).
     overrides: any RAVLTConfig field (num_classes, in_chans, drop_path_rate, attn, ...).
     compile_attn: None compiles the attention on CUDA only, True always (CPU via inductor), False never.
     pretrained: a checkpoint's path, or True for the release's ImageNet-1k file (its `model` weights,
-      which the release fine-tunes from); its classifier is replaced if num_classes is given and differs.
+      which the release fine-tunes from); its classifier is replaced if num_classes is given and differs,
+      its first conv adapted (adapt_input_conv) if in_chans is not 3.
     features_only: forward returns the four stage maps (a backbone); norm_eval: BatchNorm frozen;
-    out_norm (with features_only): a LayerNorm on each map, as the release's COCO/ADE20K backbones."""
+    out_norm (with features_only): a LayerNorm on each map, as the release's COCO/ADE20K backbones;
+    grad_checkpointing: blocks recompute their activations in backward (set_grad_checkpointing)."""
     if name not in VARIANTS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}")
     valid = {f.name for f in fields(RAVLTConfig)}
@@ -567,6 +601,7 @@ def create_model(name, pretrained=None, features_only=False, compile_attn=None, 
             raise ValueError(f"{field} needs one value per stage ({stages}), got {getattr(cfg, field)}")
     path = download_checkpoint(name) if pretrained is True else pretrained
     model = RAVLT(cfg, features_only, compile_attn, norm_eval, out_norm)
+    model.set_grad_checkpointing(grad_checkpointing)
     model.pretrained_cfg = dict(
         architecture=name, num_classes=cfg.num_classes, input_size=(cfg.in_chans, 224, 224),
         pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_MEAN,

@@ -271,8 +271,8 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
         _, base = twin(variants[0])
         macs = ravlt.count_macs(base, size) / 1e9
         copies = [twin(variants[0])[1] for _ in range(5)]
-        for copy in copies:
-            copy.load_state_dict(base.state_dict())
+        for twin_copy in copies:
+            twin_copy.load_state_dict(base.state_dict())
         time_models(variants[0], {
             "as is": base,
             "no channels-last": without_channels_last(copies[0]),
@@ -282,6 +282,14 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
             "LN affine inside": Without(copies[3], {(ravlt.LayerNorm2d, "forward"): layer_norm_affine_inside}),
             "q, k as views": Without(copies[4], {(ravlt.Attention, "heads"): heads_as_views}),
         }, macs)
+
+    if "checkpointing" in sections:  # the training step's memory and time, blocks recomputed or kept
+        print(f"\ngradient checkpointing, {variants[0]} ({size}²)\n{header}")
+        _, base = twin(variants[0])
+        recompute = twin(variants[0])[1]
+        recompute.load_state_dict(base.state_dict())
+        recompute.set_grad_checkpointing(True)
+        time_models(variants[0], {"as is": base, "grad checkpointing": recompute}, ravlt.count_macs(base, size) / 1e9)
 
     if "layer" in sections:
         print("\nattention layer alone (C=64, 1 head, batch 1, inference): ms | extra peak MB")
@@ -345,7 +353,7 @@ def main(argv=None):
                         "compile_attn=True and torch.compile(model), first calls apart (always on CUDA)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--sections", nargs="+", default=["models", "layer", "highres"],
-                        choices=["models", "ablation", "layer", "highres"], help="parts to run")
+                        choices=["models", "ablation", "checkpointing", "layer", "highres"], help="parts to run")
     parser.add_argument("--release-file", help="the release's RALA.py, timed side by side on the same "
                         "weights (needs timm, einops and fvcore)")
     parser.add_argument("--reuse-freed-memory", action="store_true", help="glibc keeps freed memory for "
