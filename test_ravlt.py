@@ -437,7 +437,7 @@ def test_whole_model_is_one_graph(name):
     # zero graph breaks, every variant and form: classifier, backbones with and without out-norms,
     # fully linear, eval and training mode, and with the compiled cores (compile_attn) inside
     forms = [dict(), dict(features_only=True), dict(features_only=True, out_norm=True), dict(attn=("rala",) * 4)]
-    forms += [dict(compile_attn=True)] if name == "ravlt_nano" else []
+    forms += [dict(compile_attn=True), dict(grad_checkpointing=True)] if name == "ravlt_nano" else []
     x = torch.randn(2, 3, 64, 48)
     for kwargs in forms:
         model = ravlt.create_model(name, **{"compile_attn": False, **kwargs})
@@ -655,6 +655,64 @@ def nano_release_file(path, seed=1):
     os.makedirs(path.parent, exist_ok=True)
     release_style_checkpoint(path, a.state_dict(), b.state_dict())
     return a.eval()
+
+
+def test_pretrained_weights_into_other_input_channels(tmp_path):
+    src = nano_release_file(tmp_path / "rgb.pth")  # RGB weights
+    stem = src.state_dict()["patch_embed.proj.0.weight"]  # (8, 3, 3, 3)
+    gray = ravlt.create_model("ravlt_nano", pretrained=tmp_path / "rgb.pth", in_chans=1).eval()
+    x = torch.randn(2, 1, 48, 40)
+    with torch.no_grad():  # a gray image: what the RGB model gives on it repeated in R, G and B
+        torch.testing.assert_close(gray(x), src(x.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-5)
+    for c in (2, 4, 7):  # channel i takes the RGB kernel i mod 3, scaled by 3/C; the rest loads as is
+        model = ravlt.create_model("ravlt_nano", pretrained=tmp_path / "rgb.pth", in_chans=c)
+        expected = torch.stack([stem[:, i % 3] * 3 / c for i in range(c)], 1)
+        torch.testing.assert_close(model.state_dict()["patch_embed.proj.0.weight"], expected)
+        assert torch.equal(model.state_dict()["head.weight"], src.state_dict()["head.weight"])
+    torch.save(gray.state_dict(), tmp_path / "gray.pth")  # 1-channel weights fit no RGB model
+    with pytest.raises(ValueError, match=r"shape mismatch \(1\): patch_embed.proj.0.weight: checkpoint "
+                                         r"\(8, 1, 3, 3\) vs model \(8, 3, 3, 3\)"):
+        ravlt.create_model("ravlt_nano", pretrained=tmp_path / "gray.pth")
+
+
+def test_grad_checkpointing_same_loss_and_gradients_fewer_activations():
+    torch.manual_seed(0)
+    x, target = torch.randn(2, 3, 64, 48), torch.tensor([1, 7])
+    plain = randomize_(ravlt.create_model("ravlt_nano", drop_path_rate=0.2))
+    recompute = ravlt.create_model("ravlt_nano", drop_path_rate=0.2, grad_checkpointing=True)
+    recompute.load_state_dict(plain.state_dict())
+    results = []
+    for model in (plain, recompute):
+        calls = []  # forward calls of the blocks' FFNs: once each, or again in backward when recomputed
+        hooks = [b.ffn.register_forward_hook(lambda *a: calls.append(1)) for s in model.layers for b in s.blocks]
+        torch.manual_seed(3)  # the same drop-path masks: recomputation replays the random state
+        loss = F.cross_entropy(model.train()(x), target)
+        forward_calls = len(calls)
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]),
+                        forward_calls, len(calls)))
+        for hook in hooks:
+            hook.remove()
+    (loss0, grads0, fwd0, all0), (loss1, grads1, fwd1, all1) = results
+    blocks = sum(plain.cfg.depths)
+    assert torch.equal(loss1, loss0) and rel_err(grads1, grads0) < 1e-6
+    assert (fwd0, all0, fwd1, all1) == (blocks, blocks, blocks, 2 * blocks)
+    with torch.no_grad():  # nothing to recompute without gradients
+        torch.testing.assert_close(recompute.eval()(x), plain.eval()(x))
+
+
+@pytest.mark.parametrize("out_norm", [False, True])
+def test_feature_info_matches_the_maps(out_norm):
+    model = ravlt.create_model("ravlt_nano", features_only=True, out_norm=out_norm)
+    info = model.feature_info
+    assert info.channels() == [16, 32, 64, 64] and info.reduction() == [4, 8, 16, 32]
+    modules = dict(model.named_modules())
+    x = torch.randn(2, 3, 97, 61)  # odd sizes: each map is ceil(size / reduction)
+    with torch.no_grad():
+        maps = model(x)
+    for f, entry in zip(maps, info, strict=True):
+        assert f.shape == (2, entry["num_chs"], -(-97 // entry["reduction"]), -(-61 // entry["reduction"]))
+        assert entry["module"] in modules and entry["module"].startswith("extra_norms" if out_norm else "layers")
 
 
 def test_pretrained_true_reads_torch_hub_cache_without_network(hub_cache, tmp_path, monkeypatch):
@@ -1238,15 +1296,34 @@ def test_train_pretrained_bad_input(tmp_path, capsys):
         assert err.startswith("train.py: error: --pretrained") and expected in err, err
 
 
-def make_image_folder(root, classes=("cat", "dog", "fox"), per_split=(("train", 4), ("val", 2))):
+def make_image_folder(root, classes=("cat", "dog", "fox"), per_split=(("train", 4), ("val", 2)), gray=False):
     g = torch.Generator().manual_seed(0)
     for split, n in per_split:
         for c in classes:
             os.makedirs(root / split / c)
             for i in range(n):
                 h, w = 30 + 4 * i, 40  # mixed sizes, as real folders have
-                pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
+                pixels = torch.randint(0, 256, (h, w) if gray else (h, w, 3), generator=g, dtype=torch.uint8)
                 Image.fromarray(pixels.numpy()).save(root / split / c / f"{i}.png")
+
+
+def test_train_pretrained_on_gray_images(tmp_path, capsys):
+    src = nano_release_file(tmp_path / "RAVLT_nano.pth").state_dict()["patch_embed.proj.0.weight"]
+    make_image_folder(tmp_path / "xray", gray=True)
+    folder = ["--dataset", "imagenet", "--data-path", tmp_path / "xray", "--input-size", 32]
+    run_train(tmp_path / "out", *folder, "--epochs", 1, "--no-repeated-aug", "--no-model-ema",
+              "--warmup-epochs", 1, "--in-chans", 1, "--pretrained", tmp_path / "RAVLT_nano.pth")
+    stem = load_ckpt(tmp_path / "out" / "checkpoint.pth")["model"]["patch_embed.proj.0.weight"]
+    assert stem.shape == (8, 1, 3, 3)  # from the summed RGB kernels; a warm-up epoch moves it by ~1e-5
+    assert (stem - src.sum(1, keepdim=True)).abs().max() < 1e-3
+    # evaluation takes the channel count from the checkpoint, like the model and the data
+    result = run_train(tmp_path / "eval", "--eval-only", "--resume", tmp_path / "out" / "checkpoint.pth")
+    assert result["val_acc5"] == 100.0
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(tmp_path / "out2", *folder, "--in-chans", 2)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "train.py: error: argument --in-chans: invalid choice: 2 (choose from 1, 3)"
 
 
 def test_train_on_png_image_folder(tmp_path):
@@ -1291,9 +1368,10 @@ def test_train_cifar_preset(tmp_path, monkeypatch):
 
 @slow
 def test_train_torchrun_two_processes_gloo(tmp_path):
+    # DDP with gradient checkpointing (blocks recomputed in backward), which must compose with it
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "train.py", *TINY, *FAKE, "--epochs", "1", "--output-dir", str(out)]
+           "train.py", *TINY, *FAKE, "--epochs", "1", "--grad-checkpointing", "--output-dir", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -95,6 +95,8 @@ def get_args_parser():
     add("--drop-path", type=below_one, metavar="P", help="stochastic depth of the last block (default: "
         "the variant's own, 0.1 for T)")
     add("--input-size", type=positive_int, metavar="PX", help="image side, pixels (default: 224; cifar 32)")
+    add("--in-chans", type=int, choices=[1, 3], help="image channels: 3 (RGB) or 1 (images read as grayscale; "
+        "--pretrained's RGB kernels summed) (default: 3)")
     add("--dataset", choices=["cifar10", "cifar100", "imagenet", "fake"], help="cifar10/cifar100 (downloaded "
         "when absent), imagenet (any DIR/{train,val}/<class>/), fake (random images) (default: cifar10)")
     add("--data-path", metavar="DIR", help="dataset folder (default: ./data for cifar; needed for imagenet)")
@@ -132,7 +134,10 @@ def get_args_parser():
     # runtime
     add("--amp", choices=["bf16", "fp16", "none"], help="bf16 or fp16 autocast (fp16 with loss scaling, "
         "the release's), none = float32 (default: bf16 on GPUs that have it, else fp16; none on CPU)")
-    add("--compile", action="store_true", help="wrap the model in torch.compile (default: off)")
+    add("--compile", action="store_true", help="torch.compile the whole model: faster at a fixed input size "
+        "(default: off; on CUDA the attention cores alone are compiled)")
+    add("--grad-checkpointing", action="store_true", help="recompute each block's activations in backward: "
+        "less memory, a slower step (default: off)")
     add("--device", choices=["cuda", "cpu"], help="where to compute; under torchrun process r takes "
         "cuda:LOCAL_RANK (default: cuda if available)")
     add("--seed", type=seed_int, default=0, metavar="N", help="random seed, N + r on process r (default: 0)")
@@ -253,6 +258,8 @@ def build_mix(args, num_classes):
 def build_transforms(args, cfg):
     """Training and evaluation pipelines (PIL image in, normalised float tensor out)."""
     size, bicubic, mean, std = args.input_size, T.InterpolationMode.BICUBIC, cfg["mean"], cfg["std"]
+    if args.in_chans == 1:  # gray: one channel, normalised by the mean of the RGB statistics
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
     if args.dataset.startswith("cifar"):  # small images: pad and crop, as the release does at 32 px
         resize = [T.Resize(size, interpolation=bicubic)] if size != 32 else []
         train, val = resize + [T.RandomCrop(size, padding=size // 8)], resize
@@ -269,7 +276,8 @@ def build_transforms(args, cfg):
         train.append(T.TrivialAugmentWide(interpolation=bicubic, fill=fill))
     elif args.color_jitter > 0:  # timm applies colour jitter only when no policy is set
         train.append(T.ColorJitter(*[args.color_jitter] * 3))
-    tensor = [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+    tensor = [T.Grayscale()] * (args.in_chans == 1) + [T.PILToTensor(), T.ToDtype(torch.float32, scale=True),
+                                                       T.Normalize(mean, std)]
     erase = [T.RandomErasing(args.reprob, value="random")] if args.reprob > 0 else []  # noise patch
     return T.Compose(train + tensor + erase), T.Compose(val + tensor)
 
@@ -301,12 +309,12 @@ def resolve_defaults(args, ckpt, device):
     saved = ckpt.get("args") if isinstance(ckpt, dict) else None
     saved = saved if isinstance(saved, dict) else {}  # the release's files hold a Namespace of theirs
     data = ("dataset", "data_path", "fake_samples") if args.dataset is None else ()  # all of them, or none
-    for key in ("model", "input_size", *data):
+    for key in ("model", "input_size", "in_chans", *data):
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key))
     args.model, args.dataset = args.model or "ravlt_t", args.dataset or "cifar10"
     cifar = args.dataset.startswith("cifar")
-    for key, value in dict(PRESETS["cifar" if cifar else "imagenet"], fake_samples=512).items():
+    for key, value in dict(PRESETS["cifar" if cifar else "imagenet"], fake_samples=512, in_chans=3).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.data_path = args.data_path or ("data" if cifar else None)
@@ -389,8 +397,9 @@ def load_weights(model, flag, path, ckpt, use_ema=False):
 def build_model(args, num_classes, device, world):
     overrides = {} if args.drop_path is None else dict(drop_path_rate=args.drop_path)
     # with --compile the whole model is compiled, the attention core included
-    model = ravlt.create_model(args.model, num_classes=num_classes,
-                               compile_attn=False if args.compile else None, **overrides).to(device)
+    model = ravlt.create_model(args.model, num_classes=num_classes, in_chans=args.in_chans,
+                               compile_attn=False if args.compile else None,
+                               grad_checkpointing=args.grad_checkpointing, **overrides).to(device)
     if world > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch, as released
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
