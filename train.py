@@ -1,5 +1,4 @@
-"""
-Train or evaluate RAVLT on CIFAR, ImageNet or any ImageNet-layout folder, in one file.
+"""Train or evaluate RAVLT on CIFAR, ImageNet or any ImageNet-layout folder, in one file.
 
     python train.py --model ravlt_t                                   # CIFAR-10, one process
     torchrun --nproc_per_node 8 train.py --model ravlt_t --dataset imagenet --data-path DIR
@@ -38,8 +37,7 @@ import ravlt
 
 # the cores this process may use, which DataLoader also counts before warning of too many workers
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-# the defaults that differ between the release's ImageNet recipe (also for `fake` data) and CIFAR's
-PRESETS = {
+PRESETS = {  # the defaults that differ between the release's ImageNet recipe (also for `fake` data) and CIFAR's
     "imagenet": dict(epochs=300, batch_size=128, lr=5e-4, warmup_epochs=5, input_size=224,
                      repeated_aug=True, model_ema=True, workers=min(8, CORES)),
     "cifar": dict(epochs=100, batch_size=128, lr=2e-3, warmup_epochs=5, input_size=32,
@@ -49,11 +47,11 @@ RA_REPEATS = 3  # repeated augmentation: copies of each image per epoch, as DeiT
 TRAIN_STATE = ("model", "optimizer", "scaler", "epoch", "rng", "sampler", "args")
 
 
+# ---- Flags ---------------------------------------------------------------------------------------
 def fail(message):
     """Bad input: one line on stderr and exit code 2 (argparse's convention), never a traceback."""
     print(f"train.py: error: {message}", file=sys.stderr)
     raise SystemExit(2)
-
 
 def ranged(cast, ok, expected):
     """An argparse type: `cast` the text and keep the value if ok(value), else name the allowed range."""
@@ -67,7 +65,6 @@ def ranged(cast, ok, expected):
         return value
     return parse
 
-
 positive_int = ranged(int, lambda v: v >= 1, "an integer >= 1")
 natural = ranged(int, lambda v: v >= 0, "an integer >= 0")
 seed_int = ranged(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2^32)")
@@ -76,13 +73,11 @@ non_negative = ranged(float, lambda v: v >= 0, "a number >= 0")
 fraction = ranged(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 below_one = ranged(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
-
 def aa_policy(text):
     if text in ("none", "trivialaugment") or re.fullmatch(r"rand-m(\d|10)-n\d+", text):
         return text
     raise argparse.ArgumentTypeError(f"unknown policy {text!r}; use rand-mM-nN with M in 0-10 (e.g. "
                                      "rand-m9-n2), trivialaugment or none")
-
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Train or evaluate RAVLT. A default marked 'cifar' applies "
@@ -90,8 +85,7 @@ def get_args_parser():
     p.error = fail  # one line instead of argparse's usage block followed by the error
     add = p.add_argument
     # model and data; with --resume or --eval-only, the checkpoint's unless given
-    add("--model", choices=list(ravlt.VARIANTS), metavar="NAME",
-        help=f"variant: {', '.join(ravlt.VARIANTS)} (default: ravlt_t)")
+    add("--model", choices=list(ravlt.VARIANTS), help="variant (default: ravlt_t)")
     add("--drop-path", type=below_one, metavar="P", help="stochastic depth of the last block (default: "
         "the variant's own, 0.1 for T)")
     add("--input-size", type=positive_int, metavar="PX", help="image side, pixels (default: 224; cifar 32)")
@@ -153,14 +147,104 @@ def get_args_parser():
     return p
 
 
-# -----------------------------------------------------------------------------
-# Data
+# ---- Before any work: the checkpoint, the defaults, the flags, the pretrained weights -------------
+def first_missing(path):
+    """The outermost folder that making `path` would create; None if it exists."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+def read_checkpoint(flag, path):
+    """ravlt.read_checkpoint: weights only (a checkpoint is data, never code); what is wrong, in one line."""
+    try:
+        return ravlt.read_checkpoint(path)
+    except FileNotFoundError:
+        fail(f"{flag} {path}: no such file")
+    except ValueError as e:  # a directory, empty, truncated, not a checkpoint, ...
+        fail(f"{flag}: {str(e).strip().splitlines()[0]}")
+
+def resolve_defaults(args, ckpt, device):
+    """The flags not given: the model, input size and data of a train.py checkpoint, then the preset."""
+    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
+    saved = saved if isinstance(saved, dict) else {}  # the release's files hold a Namespace of theirs
+    data = ("dataset", "data_path", "fake_samples") if args.dataset is None else ()  # all of them, or none
+    vars(args).update({k: saved.get(k) for k in ("model", "input_size", "in_chans", *data) if getattr(args, k) is None})
+    args.model, args.dataset = args.model or "ravlt_t", args.dataset or "cifar10"
+    cifar = args.dataset.startswith("cifar")
+    preset = dict(PRESETS["cifar" if cifar else "imagenet"], fake_samples=512, in_chans=3)
+    vars(args).update({k: v for k, v in preset.items() if getattr(args, k) is None})
+    args.data_path = args.data_path or ("data" if cifar else None)
+    resumed = args.resume and not args.eval_only  # it goes on in the checkpoint's folder
+    args.output_dir = args.output_dir or ((os.path.dirname(args.resume) or ".") if resumed else
+                                          os.path.join("output", f"{args.model}_{args.dataset}"))
+    args.amp = args.amp or ("none" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+
+def check_flags(args, ckpt, world):
+    """Refused before any work: flags that do not go together, a checkpoint without weights, a resume that cannot
+    go on exactly (other data or global batch, so peak lr), an output folder unwritable or holding another run."""
+    if args.eval_only and not args.resume:
+        fail("--eval-only needs --resume PATH, the checkpoint to evaluate")
+    if args.pretrained is not None and args.resume:
+        fail("--pretrained starts a new run from given weights, --resume continues a run: give one")
+    try:  # ravlt owns the test that a checkpoint holds weights
+        ckpt is None or ravlt._state_dict(ckpt, f"checkpoint {args.resume}", use_ema=False)
+    except ValueError as e:
+        fail(f"--resume: {e}")
+    if args.eval_only:
+        return
+    if ckpt is not None and (lost := [k for k in TRAIN_STATE if k not in ckpt]):
+        fail(f"--resume {args.resume} is not a train.py checkpoint (no {', '.join(lost)}); "
+             "to evaluate it, add --eval-only")
+    if ckpt is not None:  # the batch size per process may change with the processes, not the global batch
+        was = dict(ckpt["args"], batch_size=f"global batch {ckpt['args']['batch_size'] * len(ckpt['rng'])}")
+        now = dict(vars(args), batch_size=f"global batch {args.batch_size * world}")
+        for key in ("dataset", "batch_size", "fake_samples")[:2 + (args.dataset == "fake")]:
+            if now[key] != was[key]:
+                fail(f"--{key.replace('_', '-')}: {args.resume} was trained with {was[key]}, this run "
+                     f"{now[key]}; a resumed run keeps its data and global batch (so its peak lr): give "
+                     "those, or start a new run from its weights with --pretrained")
+    missing = first_missing(args.output_dir)  # checked, not made: save makes it after the first epoch
+    parent = os.path.dirname(missing) if missing else args.output_dir  # the folder that takes a new entry
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        fail(f"--output-dir {args.output_dir} is a file, not a folder")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"--output-dir {args.output_dir} cannot be created or written (in {parent})")
+    held = os.path.join(args.output_dir, "checkpoint.pth")
+    if os.path.isfile(held) and not (args.resume and os.path.samefile(held, args.resume)):
+        old = read_checkpoint("--output-dir", held)
+        fail(f"--output-dir {args.output_dir} holds a run of {old.get('model_config', {}).get('name')} at "
+             f"epoch {old.get('epoch')}: continue it with --resume {held}, or give another --output-dir")
+
+def read_pretrained(args, rank, world):
+    """--pretrained's (path, checkpoint): PATH, or --model's released file, downloaded by process 0 first."""
+    path = args.pretrained
+    if path is True:
+        if args.model not in ravlt.PRETRAINED:
+            fail(f"--pretrained: {args.model} has no released weights ({', '.join(ravlt.PRETRAINED)} have); "
+                 "give a PATH")
+        if rank > 0:
+            dist.barrier()
+        try:
+            path = ravlt.download_checkpoint(args.model)
+        except RuntimeError as e:  # offline, ...: it says where to put the file by hand
+            fail(f"--pretrained: {str(e).splitlines()[0]}")
+        if rank == 0 and world > 1:
+            dist.barrier()
+    return path, read_checkpoint("--pretrained", path)
+
+def load_weights(model, flag, path, ckpt, use_ema=False):
+    """--pretrained's weights, with a new classifier for another class count; --resume's, which must fit."""
+    try:
+        ravlt.load_checkpoint(model, ckpt, use_ema=use_ema, new_head=flag == "--pretrained")
+    except ValueError as e:
+        fail(f"{flag} {path}: {str(e).splitlines()[0]}")
 
 
+# ---- Data ----------------------------------------------------------------------------------------
 class RepeatAugSampler(DistributedSampler):
     """Repeated augmentation (DeiT's RASampler): each image RA_REPEATS times per epoch, the copies on
     consecutive processes (other augmentations of it); an epoch covers ~1/RA_REPEATS of the images."""
-
     def __init__(self, num_images, num_replicas, rank, seed=0):
         super().__init__(range(num_images), num_replicas, rank, seed=seed)  # ceil(n / replicas) each
 
@@ -169,14 +253,11 @@ class RepeatAugSampler(DistributedSampler):
         order = torch.randperm(len(self.dataset), generator=g).repeat_interleave(RA_REPEATS)  # (3n,)
         return iter(order[self.rank::self.num_replicas][:self.num_samples].tolist())
 
-
 class UnreadableImage(Exception):
     """An image file that cannot be decoded. Raised in a DataLoader worker, it reaches the main process
     as this type again, its text the worker's traceback: the message is that text's last line."""
-
     def __str__(self):
         return super().__str__().strip().splitlines()[-1].split("UnreadableImage: ")[-1]
-
 
 def load_image(path):
     """ImageFolder's loader (PIL, RGB), raising UnreadableImage with the file's name when it fails."""
@@ -188,7 +269,6 @@ def load_image(path):
     except Exception as e:  # by format: OSError, SyntaxError, ValueError, DecompressionBombError, ...
         reason = str(e).partition("\n")[0] or type(e).__name__
     raise UnreadableImage(f"cannot decode image {path} ({reason})")
-
 
 def build_datasets(args, rank, world):
     """{split: dataset} without transforms (they need the model's config), and the class count."""
@@ -228,11 +308,10 @@ def build_datasets(args, rank, world):
     sets = {split: cifar(args.data_path, train=split == "train") for split in splits}
     return sets, len(sets["val"].classes)
 
-
 def build_loaders(sets, args, ckpt, device, rank, world):
+    common = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     # process r evaluates images r, r + world, ...; the sums are reduced, so every image counts once
-    val = DataLoader(Subset(sets["val"], range(rank, len(sets["val"]), world)), args.batch_size,
-                     num_workers=args.workers, pin_memory=device.type == "cuda")
+    val = DataLoader(Subset(sets["val"], range(rank, len(sets["val"]), world)), **common)
     if args.eval_only:
         return val, None, None
     seed = ckpt["sampler"]["seed"] if ckpt else args.seed  # data order: one seed for all processes
@@ -240,20 +319,16 @@ def build_loaders(sets, args, ckpt, device, rank, world):
                DistributedSampler(sets["train"], world, rank, shuffle=True, seed=seed))
     # new workers every epoch (not persistent_workers): their seeds come from the main process's
     # generator, which the checkpoint saves, so a resumed epoch repeats the same augmentations
-    train = DataLoader(sets["train"], args.batch_size, sampler=sampler, drop_last=True,
-                       num_workers=args.workers, pin_memory=device.type == "cuda")
+    train = DataLoader(sets["train"], sampler=sampler, drop_last=True, **common)
     if len(train) == 0:
         fail(f"{len(sampler)} training images per process, fewer than --batch-size {args.batch_size}")
     return val, sampler, train
 
-
 def build_mix(args, num_classes):
-    """MixUp and/or CutMix on whole batches (one of the two per batch when both are on); None if off.
-    Built only when on: torchvision refuses alpha = 0 in the constructor."""
+    """MixUp and/or CutMix (one per batch when both are on), built only when on: torchvision refuses alpha = 0."""
     mixes = [T.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []
     mixes += [T.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else []
     return T.RandomChoice(mixes) if mixes else None
-
 
 def build_transforms(args, cfg):
     """Training and evaluation pipelines (PIL image in, normalised float tensor out)."""
@@ -270,140 +345,26 @@ def build_transforms(args, cfg):
     fill = [round(255 * c) for c in mean]  # geometric ops fill gaps with the mean colour, as timm's
     if m := re.fullmatch(r"rand-m(\d+)-n(\d+)", args.aa):  # 11 bins: M on timm's 0-10 scale, so
         # that m9 means what it means in the release (rotate 27°, shear 0.27, enhance ±0.81)
-        train.append(T.RandAugment(int(m[2]), int(m[1]), num_magnitude_bins=11, interpolation=bicubic,
-                                   fill=fill))
+        train.append(T.RandAugment(int(m[2]), int(m[1]), num_magnitude_bins=11, interpolation=bicubic, fill=fill))
     elif args.aa == "trivialaugment":
         train.append(T.TrivialAugmentWide(interpolation=bicubic, fill=fill))
     elif args.color_jitter > 0:  # timm applies colour jitter only when no policy is set
         train.append(T.ColorJitter(*[args.color_jitter] * 3))
-    tensor = [T.Grayscale()] * (args.in_chans == 1) + [T.PILToTensor(), T.ToDtype(torch.float32, scale=True),
-                                                       T.Normalize(mean, std)]
+    gray = [T.Grayscale()] if args.in_chans == 1 else []
+    tensor = gray + [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
     erase = [T.RandomErasing(args.reprob, value="random")] if args.reprob > 0 else []  # noise patch
     return T.Compose(train + tensor + erase), T.Compose(val + tensor)
 
 
-# -----------------------------------------------------------------------------
-# Before any work: the checkpoint, the defaults, the flags, the pretrained weights
-
-
-def first_missing(path):
-    """The outermost folder that making `path` would create; None if it exists."""
-    path, missing = os.path.abspath(path), None
-    while not os.path.exists(path):
-        path, missing = os.path.dirname(path), path
-    return missing
-
-
-def read_checkpoint(flag, path):
-    """ravlt.read_checkpoint: weights only (a checkpoint is data, never code); what is wrong, in one line."""
-    try:
-        return ravlt.read_checkpoint(path)
-    except FileNotFoundError:
-        fail(f"{flag} {path}: no such file")
-    except ValueError as e:  # a directory, empty, truncated, not a checkpoint, ...
-        fail(f"{flag}: {str(e).strip().splitlines()[0]}")
-
-
-def resolve_defaults(args, ckpt, device):
-    """The flags not given: the model, input size and data of a train.py checkpoint, then the preset."""
-    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
-    saved = saved if isinstance(saved, dict) else {}  # the release's files hold a Namespace of theirs
-    data = ("dataset", "data_path", "fake_samples") if args.dataset is None else ()  # all of them, or none
-    for key in ("model", "input_size", "in_chans", *data):
-        if getattr(args, key) is None:
-            setattr(args, key, saved.get(key))
-    args.model, args.dataset = args.model or "ravlt_t", args.dataset or "cifar10"
-    cifar = args.dataset.startswith("cifar")
-    for key, value in dict(PRESETS["cifar" if cifar else "imagenet"], fake_samples=512, in_chans=3).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.data_path = args.data_path or ("data" if cifar else None)
-    resumed = args.resume and not args.eval_only  # it goes on in the checkpoint's folder
-    args.output_dir = args.output_dir or ((os.path.dirname(args.resume) or ".") if resumed else
-                                          os.path.join("output", f"{args.model}_{args.dataset}"))
-    cuda = device.type == "cuda"
-    args.amp = args.amp or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "none")
-
-
-def check_flags(args, ckpt, world):
-    """Refused before any work: flags that do not go together, a checkpoint without weights, a resume that
-    cannot go on exactly (other data; another global batch, so peak lr), an output folder that cannot be
-    written or holds another run. The lr follows the other flags: a larger --epochs, a longer cosine."""
-    if args.eval_only and not args.resume:
-        fail("--eval-only needs --resume PATH, the checkpoint to evaluate")
-    if args.pretrained is not None and args.resume:
-        fail("--pretrained starts a new run from given weights, --resume continues a run: give one")
-    try:  # ravlt owns the test that a checkpoint holds weights
-        ckpt is None or ravlt._state_dict(ckpt, f"checkpoint {args.resume}", use_ema=False)
-    except ValueError as e:
-        fail(f"--resume: {e}")
-    if args.eval_only:
-        return
-    if ckpt is not None and (lost := [k for k in TRAIN_STATE if k not in ckpt]):
-        fail(f"--resume {args.resume} is not a train.py checkpoint (no {', '.join(lost)}); "
-             "to evaluate it, add --eval-only")
-    if ckpt is not None:  # the batch size per process may change with the processes, not the global batch
-        was = dict(ckpt["args"], batch_size=f"global batch {ckpt['args']['batch_size'] * len(ckpt['rng'])}")
-        now = dict(vars(args), batch_size=f"global batch {args.batch_size * world}")
-        for key in ("dataset", "batch_size", "fake_samples")[:2 + (args.dataset == "fake")]:
-            if now[key] != was[key]:
-                fail(f"--{key.replace('_', '-')}: {args.resume} was trained with {was[key]}, this run "
-                     f"{now[key]}; a resumed run keeps its data and global batch (so its peak lr): give "
-                     "those, or start a new run from its weights with --pretrained")
-    missing = first_missing(args.output_dir)  # checked, not made: save makes it after the first epoch
-    parent = os.path.dirname(missing) if missing else args.output_dir  # the folder that takes a new entry
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        fail(f"--output-dir {args.output_dir} is a file, not a folder")
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        fail(f"--output-dir {args.output_dir} cannot be created or written (in {parent})")
-    held = os.path.join(args.output_dir, "checkpoint.pth")
-    if os.path.isfile(held) and not (args.resume and os.path.samefile(held, args.resume)):
-        old = read_checkpoint("--output-dir", held)
-        fail(f"--output-dir {args.output_dir} holds a run of {old.get('model_config', {}).get('name')} at "
-             f"epoch {old.get('epoch')}: continue it with --resume {held}, or give another --output-dir")
-
-
-def read_pretrained(args, rank, world):
-    """--pretrained's (path, checkpoint): PATH, or the release's file for --model, which process 0
-    downloads into torch's hub cache while the others wait."""
-    path = args.pretrained
-    if path is True:
-        if args.model not in ravlt.PRETRAINED:
-            fail(f"--pretrained: {args.model} has no released weights ({', '.join(ravlt.PRETRAINED)} have); "
-                 "give a PATH")
-        if rank > 0:
-            dist.barrier()
-        try:
-            path = ravlt.download_checkpoint(args.model)
-        except RuntimeError as e:  # offline, ...: it says where to put the file by hand
-            fail(f"--pretrained: {str(e).splitlines()[0]}")
-        if rank == 0 and world > 1:
-            dist.barrier()
-    return path, read_checkpoint("--pretrained", path)
-
-
-def load_weights(model, flag, path, ckpt, use_ema=False):
-    """--pretrained's weights, with a new classifier for another class count; --resume's, which must fit."""
-    try:
-        ravlt.load_checkpoint(model, ckpt, use_ema=use_ema, new_head=flag == "--pretrained")
-    except ValueError as e:
-        fail(f"{flag} {path}: {str(e).splitlines()[0]}")
-
-
-# -----------------------------------------------------------------------------
-# Model, optimizer and lr schedule, resume, checkpoint
-
-
+# ---- Model, optimizer and lr schedule, EMA, resume, checkpoint -----------------------------------
 def build_model(args, num_classes, device, world):
     overrides = {} if args.drop_path is None else dict(drop_path_rate=args.drop_path)
-    # with --compile the whole model is compiled, the attention core included
     model = ravlt.create_model(args.model, num_classes=num_classes, in_chans=args.in_chans,
-                               compile_attn=False if args.compile else None,
+                               compile_attn=False if args.compile else None,  # --compile: the whole model
                                grad_checkpointing=args.grad_checkpointing, **overrides).to(device)
     if world > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch, as released
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
-
 
 def build_optimizer(model, args, steps, world, device):
     """AdamW (no weight decay on 1-D parameters) and schedule(step), the lr of each step: warm-up, then
@@ -421,7 +382,6 @@ def build_optimizer(model, args, steps, world, device):
         return args.min_lr + (peak - args.min_lr) * (1 + math.cos(math.pi * done)) / 2
     return optimizer, schedule
 
-
 def build_ema(model, args, world):
     """An EMA of the weights, or None; decay D^(B/512) per step at global batch B: the same per image."""
     if not args.model_ema:
@@ -430,7 +390,6 @@ def build_ema(model, args, world):
     model_ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
     model_ema.update_parameters(model)  # the first update only copies: start from these weights
     return model_ema
-
 
 def restore(ckpt, model, model_ema, optimizer, scaler, args, device, rank, world, log):
     """--resume's weights, EMA, AdamW moments (hyper-parameters: the flags'), loss scale, random state."""
@@ -454,16 +413,12 @@ def restore(ckpt, model, model_ema, optimizer, scaler, args, device, rank, world
             "raise --epochs to train on")
     return ckpt["epoch"]
 
-
 def wrap(model, args, world):
-    """The module that trains (DDP across processes, then compiled) and the one that evaluates (compiled,
-    outside DDP: the processes' val shards may differ)."""
-    # DDP flags depthwise weights (C, 1, k, k) whose gradient strides differ only on the size-1 dim:
-    # the memory layout is the same, so the warning is noise
+    """The training module (DDP, then compiled) and the evaluating one (compiled, outside DDP: val shards differ)."""
+    # DDP warns of depthwise weights (C, 1, k, k), whose gradient strides differ on a size-1 dim only: noise
     warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
     train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     return (torch.compile(train_model), torch.compile(model)) if args.compile else (train_model, model)
-
 
 def save(row, model, model_ema, optimizer, scaler, sampler, args, device, rank, world):
     """checkpoint.pth replaced (the model's own keys, no DDP or compile prefix) with every process's
@@ -492,18 +447,14 @@ def save(row, model, model_ema, optimizer, scaler, sampler, args, device, rank, 
           f"lr {row['lr']:.3g}, {row['img_per_s']:.0f} img/s, {row['epoch_time']:.1f} s")
 
 
-# -----------------------------------------------------------------------------
-# One epoch of training, one pass of evaluation
-
-
+# ---- One epoch of training, one pass of evaluation -----------------------------------------------
 def train_one_epoch(model, raw_model, model_ema, criterion, mix, loader, optimizer, schedule, scaler,
                     device, amp_dtype, epoch, args):
     """Mean training loss, the last step's learning rate, and images/s, all processes together."""
     model.train()
     world = dist.get_world_size() if dist.is_initialized() else 1
     loss_sum, start = torch.zeros((), device=device), time.perf_counter()
-    bar = tqdm(loader, f"epoch {epoch + 1}/{args.epochs}", leave=False,
-               disable=world > 1 and dist.get_rank() > 0)
+    bar = tqdm(loader, f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=world > 1 and dist.get_rank() > 0)
     for step, (images, targets) in enumerate(bar):
         lr = schedule(epoch * len(loader) + step)  # every step: warm-up and cosine smooth over few epochs
         for group in optimizer.param_groups:
@@ -533,13 +484,12 @@ def train_one_epoch(model, raw_model, model_ema, criterion, mix, loader, optimiz
     if world > 1:
         dist.all_reduce(loss_sum)
     if world > 1 and device.type != "cuda":  # no SyncBatchNorm on CPU: statistics drift apart
-        for buffer in filter(torch.is_floating_point, [*raw_model.buffers(), *(model_ema.module.buffers()
-                                                                               if model_ema else [])]):
+        ema_buffers = list(model_ema.module.buffers()) if model_ema else []
+        for buffer in filter(torch.is_floating_point, [*raw_model.buffers(), *ema_buffers]):
             dist.all_reduce(buffer)
             buffer /= world
     return dict(train_loss=loss_sum.item() / (len(loader) * world), lr=lr,
                 img_per_s=len(loader) * args.batch_size * world / elapsed)
-
 
 @torch.no_grad()
 def evaluate(model, loader, device, amp_dtype, prefix="val_"):
@@ -560,7 +510,6 @@ def evaluate(model, loader, device, amp_dtype, prefix="val_"):
     loss, top1, top5, n = totals.tolist()
     return {prefix + "loss": loss / n, prefix + "acc1": 100 * top1 / n, prefix + "acc5": 100 * top5 / n}
 
-
 def evaluate_checkpoint(model, ckpt, loader, device, amp_dtype, args, log):
     """--eval-only: the weights, and the EMA weights if any; one line for people, one JSON line."""
     results, text = {}, []
@@ -574,27 +523,22 @@ def evaluate_checkpoint(model, ckpt, loader, device, amp_dtype, args, log):
     return results
 
 
-# -----------------------------------------------------------------------------
-# Main
-
-
+# ---- Main ----------------------------------------------------------------------------------------
 def init_distributed(args):
     """(rank, world size, device): torchrun sets RANK and LOCAL_RANK; without them, one process."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda, but no CUDA GPU is visible")
-    if device.type == "cuda":
+    if cuda := device.type == "cuda":
+        if not torch.cuda.is_available():
+            fail("--device cuda, but no CUDA GPU is visible")
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolutions once
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if "RANK" not in os.environ:
         return 0, 1, device
-    if device.type == "cuda":
+    if cuda:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return dist.get_rank(), dist.get_world_size(), device
-
 
 def main(args):
     """run(args), with an image that cannot be decoded turned into one line saying what to do."""
@@ -610,7 +554,6 @@ def main(args):
         dist.barrier()
         dist.destroy_process_group()
     return result
-
 
 def run(args):
     rank, world, device = init_distributed(args)
@@ -650,16 +593,14 @@ def run(args):
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         start = time.perf_counter()
-        row = dict(epoch=epoch + 1, **train_one_epoch(train_model, model, model_ema, criterion, mix,
-                                                      train_loader, optimizer, schedule, scaler, device,
-                                                      amp_dtype, epoch, args))
+        row = dict(epoch=epoch + 1, **train_one_epoch(train_model, model, model_ema, criterion, mix, train_loader,
+                                                      optimizer, schedule, scaler, device, amp_dtype, epoch, args))
         row.update(evaluate(eval_model, val_loader, device, amp_dtype, "val_"))
         if model_ema is not None:
             row.update(evaluate(model_ema.module, val_loader, device, amp_dtype, "ema_val_"))
         row["epoch_time"] = time.perf_counter() - start
         save(row, model, model_ema, optimizer, scaler, sampler, args, device, rank, world)
     return row
-
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())
