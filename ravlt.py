@@ -33,8 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# -----------------------------------------------------------------------------
-# Config: one value per stage in every tuple
+# ---- Config: one value per stage in every tuple --------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -51,10 +50,7 @@ class RAVLTConfig:
     in_chans: int = 3
 
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-# -----------------------------------------------------------------------------
-# Small helpers
+# ---- Small helpers -------------------------------------------------------------------------------
 
 
 class LayerNorm2d(nn.Module):
@@ -107,9 +103,8 @@ class RoPE2d(nn.Module):
         omega = self.frequencies(self.angle.device)[:, None, None]  # (d/4, 1, 1)
         rows = torch.arange(H, device=omega.device, dtype=torch.float32)[:, None]  # (H, 1)
         cols = torch.arange(W, device=omega.device, dtype=torch.float32)[None, :]  # (1, W)
-        theta = torch.cat(((omega * rows).expand(-1, H, W), (omega * cols).expand(-1, H, W)))  # (d/2, H, W)
-        theta = theta.flatten(1)  # (d/2, N): token r·W + c
-        return theta.cos(), theta.sin()
+        theta = torch.cat(((omega * rows).expand(-1, H, W), (omega * cols).expand(-1, H, W))).flatten(1)
+        return theta.cos(), theta.sin()  # (d/2, H, W) flattened to (d/2, N): token r·W + c
 
 
 def rope(x, rot):
@@ -127,8 +122,7 @@ def phi(x):
     return F.elu(x) + 1.0
 
 
-# -----------------------------------------------------------------------------
-# Attention: RALA (linear and explicit N×N forms) and softmax attention
+# ---- Attention: RALA (linear and explicit N×N forms) and softmax attention -----------------------
 
 
 def rala(q, k, v, rot, eps=1e-6):
@@ -147,11 +141,9 @@ def rala(q, k, v, rot, eps=1e-6):
     | e^{iθ}   | rot        | 2 × (d/2, N)  | RoPE's cos θ, sin θ per channel pair and token   |
     """
     N, d, dtype = q.shape[-1], q.shape[-2], v.dtype
-    # Sums over N tokens and the 1/(…) normaliser lose too much precision in bf16/fp16,
-    # so the whole core runs in float32 even under autocast (it is a small share of the FLOPs).
+    # float32 even under autocast: sums over N tokens and the 1/(…) normaliser need it (few FLOPs)
     with torch.autocast(q.device.type, enabled=False):
-        q, k, v = q.float(), k.float(), v.float()
-        phi_q, phi_k = phi(q), phi(k)  # (B, h, d, N)
+        phi_q, phi_k, v = phi(q.float()), phi(k.float()), v.float()  # (B, h, d, N)
         # 1. (a) KV-buffer rank augmentation: weight each key by how well it matches the mean query
         q_bar = phi_q.mean(-1, keepdim=True)  # (B, h, d, 1)
         alpha = torch.softmax(d ** -0.5 * q_bar.transpose(-2, -1) @ phi_k, dim=-1)  # (B, h, 1, N)
@@ -162,24 +154,21 @@ def rala(q, k, v, rot, eps=1e-6):
         q_rot, k_rot = rope(phi_q, rot), rope(k_tilde, rot)  # (B, h, d, N)
         # 4. The KV buffer, one d×d matrix per head. This contraction is the linear complexity.
         kv = k_rot @ v.transpose(-2, -1) / N  # (B, h, d, N) @ (B, h, N, d) -> (B, h, d, d)
-        # 5. Every query reads the buffer, then is normalised. Written token-major, (N, d) rows
-        #    like SDPA's output, so that the result lies in memory as a channels-last map.
+        # 5. Every query reads the buffer, then is normalised; token-major rows: a channels-last map
         y = q_rot.transpose(-2, -1) @ kv * z.transpose(-2, -1)  # (B,h,N,d) @ (B,h,d,d) -> (B,h,N,d)
     return y.transpose(-2, -1).to(dtype)  # (B, h, d, N)
 
 
 def softmax_attention(q, k, v, rot):
-    """Softmax attention with RoPE on q and k (stages 3-4): Y = softmax(d^-½ q kᵀ) v, computed by
-    F.scaled_dot_product_attention, whose fused kernels never store the N×N matrix."""
+    """Y = softmax(d^-½ q kᵀ) v with RoPE on q, k (stages 3-4), by SDPA: it never stores the N×N matrix."""
     q, k = rope(q, rot), rope(k, rot)  # (B, h, d, N)
     q, k, v = (t.transpose(-2, -1) for t in (q, k, v))  # (B, h, N, d)
     return F.scaled_dot_product_attention(q, k, v).transpose(-2, -1)  # (B, h, N, d) -> (B, h, d, N)
 
 
 def rala_matrix(q, k, rot, eps=1e-6):
-    """RALA's explicit N×N matrix A (B, h, N, N), Y = V Aᵀ: A_ij = z_i·RoPE(φ(q_i))·RoPE(K̃_j)/N (rows
-    need not sum to 1: z uses the un-rotated queries). Read off by giving rala the identity as values
-    (then Y = Aᵀ); O(N²·d), for teaching, rank analysis and tests."""
+    """RALA's N×N matrix A (B, h, N, N), Y = V Aᵀ, A_ij = z_i·RoPE(φ(q_i))·RoPE(K̃_j)/N (rows need not sum
+    to 1), read off as rala's output for the identity as values. O(N²·d): for teaching and tests."""
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand(*q.shape[:2], -1, -1)  # (B, h, N, N)
     return rala(q, k, eye, rot, eps).transpose(-2, -1)  # (B, h, N, N)
 
@@ -195,8 +184,7 @@ _CORES = {"rala": rala, "softmax": softmax_attention}
 
 @functools.cache
 def _compiled(kind):
-    # one compiled core per kind, shared by all layers: inductor fuses RALA's element-wise steps.
-    # Sizes dynamic from the start: the stages' (h, N) differ, and so do detectors' images
+    # one compiled core per kind for all layers; sizes dynamic from the start: stages' (h, N) differ
     return torch.compile(_CORES[kind], dynamic=True)
 
 
@@ -215,7 +203,6 @@ class Attention(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def heads(self, x):
-        """q, k, v as (B, h, d, N) per head and the gate o as (B, C, H, W), from the qkvo conv."""
         B, C, H, W = x.shape
         q, k, v, o = self.qkvo(x).chunk(4, dim=1)  # (B, 4C, H, W) -> 4 × (B, C, H, W)
         q, k, v = (t.reshape(B, self.num_heads, -1, H * W) for t in (q, k, v))  # (B, h, d, N)
@@ -228,8 +215,7 @@ class Attention(nn.Module):
         core = _compiled(self.kind) if use_compiled else _CORES[self.kind]
         q, k, v, o = self.heads(x)
         y = core(q, k, v, rot)  # (B, h, d, N)
-        # heads back to channels, (B, h, d, N) -> (B, N, h, d) -> (B, H, W, C) -> (B, C, H, W):
-        # the map's memory stays channels-last (free for one head, else one copy)
+        # heads back to channels: (B, h, d, N) -> (B, N, h, d) -> (B, H, W, C) -> (B, C, H, W), channels-last
         y = y.permute(0, 3, 1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)
         y = y + self.lepe(v.reshape(B, C, H, W))  # (B, C, H, W)
         # (b) Output-feature rank augmentation: rank(o ⊙ Y) ≤ rank(o)·rank(Y), so the element-wise gate
@@ -243,8 +229,7 @@ class Attention(nn.Module):
         return rala_matrix(q, k, rot) if self.kind == "rala" else softmax_matrix(q, k, rot)
 
 
-# -----------------------------------------------------------------------------
-# Blocks and stages
+# ---- Blocks and stages ---------------------------------------------------------------------------
 
 
 class FFN(nn.Module):
@@ -258,10 +243,7 @@ class FFN(nn.Module):
 
     def forward(self, x):
         x = F.gelu(self.fc1(x))  # (B, hidden, H, W)
-        # x + dwconv(x) as one depthwise conv, 1 added at each kernel's centre: one pass over x, not two
-        identity = F.pad(self.dwconv.weight.new_ones(x.shape[1], 1, 1, 1), (1, 1, 1, 1))  # (hidden, 1, 3, 3)
-        x = F.conv2d(x, self.dwconv.weight + identity, self.dwconv.bias, padding=1, groups=x.shape[1])
-        return self.fc2(x)  # (B, C, H, W)
+        return self.fc2(x + self.dwconv(x))  # (B, C, H, W); the depthwise conv mixes neighbours
 
 
 class Block(nn.Module):
@@ -284,12 +266,6 @@ class Block(nn.Module):
         return x + self.drop_path(self.gamma_2 * self.ffn(self.norm2(x)))
 
 
-def downsample(dim, out_dim):
-    """conv3×3 stride 2 + BatchNorm between stages: H, W -> ceil(H/2), ceil(W/2)."""
-    return nn.Sequential(OrderedDict(reduction=nn.Conv2d(dim, out_dim, 3, stride=2, padding=1),
-                                     norm=nn.BatchNorm2d(out_dim)))  # names: the release's keys
-
-
 class Stage(nn.Module):
     """Blocks at one resolution; the RoPE rotations are computed once per forward and shared."""
 
@@ -298,7 +274,9 @@ class Stage(nn.Module):
         self.RoPE = RoPE2d(dim // num_heads)  # attribute name kept for the release's state-dict keys
         self.blocks = nn.ModuleList(Block(dim, num_heads, kind, mlp_ratio, p, layer_scale, compile_attn)
                                     for p in drop_paths)  # one block per drop-path rate
-        self.downsample = downsample(dim, out_dim) if out_dim else None  # RAVLT.forward_stages calls it
+        # to the next stage (RAVLT.forward_stages calls it): conv3×3 stride 2 + BN, H -> ceil(H/2)
+        self.downsample = None if not out_dim else nn.Sequential(OrderedDict(  # the release's key names
+            reduction=nn.Conv2d(dim, out_dim, 3, stride=2, padding=1), norm=nn.BatchNorm2d(out_dim)))
         self.grad_checkpointing = False
 
     def forward(self, x):
@@ -319,12 +297,10 @@ def stem(in_chans, dim):
         nn.Conv2d(half, dim, 3, 2, 1), nn.BatchNorm2d(dim))
 
 
-# -----------------------------------------------------------------------------
-# The model
+# ---- The model -----------------------------------------------------------------------------------
 
 
-class FeatureInfo(list):
-    """timm's `feature_info`: per output map a dict of its channels, stride and source module."""
+class FeatureInfo(list):  # timm's `feature_info`: per output map a dict of channels, stride, module
 
     def channels(self):
         return [info["num_chs"] for info in self]
@@ -344,7 +320,6 @@ class RAVLT(nn.Module):
             raise ValueError("out_norm=True needs features_only=True")
         self.cfg, self.features_only, self.norm_eval = cfg, features_only, norm_eval
         self.num_classes, self.in_chans = cfg.num_classes, cfg.in_chans
-        self.feature_channels = tuple(cfg.dims)
         self.feature_info = FeatureInfo(dict(num_chs=dim, reduction=2 ** (i + 2), module=("extra_norms" if out_norm
                                         else "layers") + f".{i}") for i, dim in enumerate(cfg.dims))
         self.patch_embed = nn.Module()  # a namespace, so that the keys read patch_embed.proj.*
@@ -361,8 +336,7 @@ class RAVLT(nn.Module):
             self.extra_norms = nn.ModuleList(LayerNorm2d(dim) for dim in cfg.dims)
         if not features_only:  # classification head: conv1×1 + BN + SiLU, pool, conv1×1
             self.proj = nn.Conv2d(cfg.dims[-1], cfg.head_hidden, 1)
-            self.norm = nn.BatchNorm2d(cfg.head_hidden)
-            self.act = nn.SiLU()
+            self.norm, self.act = nn.BatchNorm2d(cfg.head_hidden), nn.SiLU()
             self.reset_classifier(cfg.num_classes)
         self.apply(self._init_weights)
         self.to(memory_format=self.memory_format)
@@ -376,10 +350,9 @@ class RAVLT(nn.Module):
     def train(self, mode=True):
         # norm_eval: BatchNorm statistics stay fixed while a detector trains on 2 images per GPU
         super().train(mode)
-        if self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
+        for m in self.modules() if self.norm_eval else ():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
         return self
 
     def set_grad_checkpointing(self, enable=True):
@@ -436,13 +409,11 @@ class RAVLT(nn.Module):
         return attn.attention_matrix(*seen["args"])
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints
+# ---- Checkpoints ---------------------------------------------------------------------------------
 
 
 def read_checkpoint(path):
-    """torch.load with weights_only=True: a checkpoint is data, not code (tensors, containers, and the
-    argparse.Namespace of the release's files). Any other file raises ValueError saying what it is."""
+    """torch.load(weights_only=True): a checkpoint is data, not code. Other files: ValueError saying why."""
     if os.path.isdir(path):
         raise ValueError(f"checkpoint {path} is a directory, not a file")
     with open(path, "rb") as f:  # FileNotFoundError for a missing file
@@ -479,19 +450,17 @@ def _state_dict(ckpt, name, use_ema):
 
 
 def adapt_input_conv(weight, in_chans):
-    """A first conv's RGB kernels (out, 3, k, k) for in_chans inputs, by timm's rule: 1 channel takes
-    their sum (a gray image then gives what the RGB model gives on it repeated in R, G, B); C channels
-    take them repeated and cut to C, scaled by 3/C."""
+    """RGB kernels (out, 3, k, k) for in_chans inputs, timm's rule: for 1 their sum (a gray image gives
+    what the RGB model gives on it repeated in R, G, B); for C, repeated, cut to C and scaled by 3/C."""
     if in_chans == 1:
         return weight.sum(1, keepdim=True)
     return weight.repeat(1, math.ceil(in_chans / 3), 1, 1)[:, :in_chans] * (3 / in_chans)
 
 
 def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
-    """Load weights into `model` strictly and return it. `checkpoint`: a path or a dict from
-    `read_checkpoint`, any file `_state_dict` reads (detectors' into features-only models, which have
-    no classifier). A classifier for another number of classes gives way to the model's own head
-    (fine-tuning), unless new_head=False. Misfits raise ValueError; another variant's are named."""
+    """Load weights into `model` strictly and return it. `checkpoint`: a path or a dict, any file
+    `_state_dict` reads. Another class count's classifier gives way to the model's own head (fine-tuning)
+    unless new_head=False. Misfits raise ValueError; another variant's weights are named."""
     name = "the checkpoint" if isinstance(checkpoint, dict) else f"checkpoint {checkpoint}"
     ckpt = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     sd, own = _state_dict(ckpt, name, use_ema), model.state_dict()
@@ -529,8 +498,7 @@ def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
     return model
 
 
-# -----------------------------------------------------------------------------
-# Variants
+# ---- Variants ------------------------------------------------------------------------------------
 
 
 VARIANTS = {
@@ -547,9 +515,8 @@ VARIANTS = {
 }
 
 
-RELEASED = ("ravlt_t", "ravlt_s", "ravlt_b", "ravlt_l")  # the variants with official checkpoints
 HUB_URL = "https://huggingface.co/aldjalkdf/RAVLT/resolve/main/"  # the release's files
-PRETRAINED = {name: f"RAVLT_{name[-1].upper()}.pth" for name in RELEASED}  # ImageNet-1k classifiers
+PRETRAINED = {name: f"RAVLT_{name[-1].upper()}.pth" for name in VARIANTS if name != "ravlt_nano"}  # ImageNet-1k
 DOWNSTREAM = [f"{model}_{size}_{schedule}.pth" for model, sizes, schedule in [  # COCO, ADE20K models
     ("retinanet", "tsbl", "1x_12_epoch"), ("maskrcnn", "tsbl", "1x_12_epoch"), ("fpn", "tsbl", "1x"),
     ("maskrcnn", "sbl", "3x_36_epoch"), ("Casmaskrcnn", "sbl", "3x_36_epoch"), ("uper", "sbl", "2x")]
@@ -583,17 +550,14 @@ def create_model(name, pretrained=None, features_only=False, compile_attn=None, 
     """Build a RAVLT variant: create_model("ravlt_t", num_classes=10, attn=("rala",) * 4).
     overrides: any RAVLTConfig field (num_classes, in_chans, drop_path_rate, attn, ...).
     compile_attn: None compiles the attention on CUDA only, True always (CPU via inductor), False never.
-    pretrained: a checkpoint's path, or True for the release's ImageNet-1k file (its `model` weights,
-      which the release fine-tunes from); its classifier is replaced if num_classes is given and differs,
-      its first conv adapted (adapt_input_conv) if in_chans is not 3.
-    features_only: forward returns the four stage maps (a backbone); norm_eval: BatchNorm frozen;
-    out_norm (with features_only): a LayerNorm on each map, as the release's COCO/ADE20K backbones;
-    grad_checkpointing: blocks recompute their activations in backward (set_grad_checkpointing)."""
+    pretrained: a path, or True for the release's ImageNet-1k file (its `model` weights); a new classifier
+      if num_classes is given and differs, the first conv adapted to in_chans. features_only: the four
+    stage maps (a backbone); norm_eval: BatchNorm frozen; out_norm (with features_only): the release's
+    COCO/ADE20K LayerNorm on each map; grad_checkpointing: see RAVLT.set_grad_checkpointing."""
     if name not in VARIANTS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}")
-    valid = {f.name for f in fields(RAVLTConfig)}
-    if bad := sorted(set(overrides) - valid):
-        raise ValueError(f"unknown option(s) {bad} for {name}; valid: {', '.join(sorted(valid))}")
+    if bad := sorted(set(overrides) - {f.name for f in fields(RAVLTConfig)}):
+        raise ValueError(f"unknown option(s) {bad} for {name}; valid: {', '.join(f.name for f in fields(RAVLTConfig))}")
     cfg = replace(VARIANTS[name], **overrides)
     cfg, stages = replace(cfg, attn=tuple(cfg.attn)), len(cfg.dims)  # attn: a list is welcome too
     for field in ("depths", "heads", "layer_scale_init", "attn"):
@@ -604,8 +568,8 @@ def create_model(name, pretrained=None, features_only=False, compile_attn=None, 
     model.set_grad_checkpointing(grad_checkpointing)
     model.pretrained_cfg = dict(
         architecture=name, num_classes=cfg.num_classes, input_size=(cfg.in_chans, 224, 224),
-        pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_MEAN,
-        std=IMAGENET_STD, first_conv="patch_embed.proj.0", classifier="head")
+        pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic", mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225), first_conv="patch_embed.proj.0", classifier="head")  # ImageNet's
     if path:
         load_checkpoint(model, path, new_head="num_classes" in overrides)
     return model

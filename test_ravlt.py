@@ -245,8 +245,7 @@ def test_parameter_count_equals_release(name):
 
 def analytic_macs(model, size):
     """MACs from the architecture alone, without torch's flop counter: every convolution's
-    Cout·(Cin/groups)·k·k per output pixel (hooks read the real output sizes; the FFN's depthwise
-    conv is applied functionally, so it is counted from its module), plus per head
+    Cout·(Cin/groups)·k·k per output pixel (hooks read the real output sizes), plus per head
     2·N·d + 2·N·d² for RALA (α, z, KV buffer, read-out) and 2·N²·d for softmax (Q Kᵀ, A V)."""
     total, hooks = [0], []
 
@@ -259,17 +258,11 @@ def analytic_macs(model, size):
         d = C // h
         total[0] += B * h * (2 * N * d + 2 * N * d * d if m.kind == "rala" else 2 * N * N * d)
 
-    def ffn(m, inputs, out):  # the depthwise conv (applied with its identity folded in)
-        B, _, H, W = inputs[0].shape
-        total[0] += B * m.dwconv.out_channels * H * W * 9
-
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             hooks.append(m.register_forward_hook(conv))
         elif isinstance(m, ravlt.Attention):
             hooks.append(m.register_forward_hook(attention))
-        elif isinstance(m, ravlt.FFN):
-            hooks.append(m.register_forward_hook(ffn))
     with torch.no_grad():
         model.eval()(torch.zeros(1, 3, size, size))
     for hook in hooks:
@@ -311,7 +304,7 @@ def test_any_input_size_gives_logits_and_ceil_strides(size):
         feats = model.forward_stages(x)
     for i, f in enumerate(feats):
         stride = 2 ** (i + 2)
-        assert f.shape == (2, model.feature_channels[i], -(-size[0] // stride), -(-size[1] // stride))
+        assert f.shape == (2, model.feature_info.channels()[i], -(-size[0] // stride), -(-size[1] // stride))
 
 
 @pytest.mark.parametrize("shape", [(3, 64, 64), (2, 1, 64, 64), (2, 4, 64, 64), (1, 2, 3, 64, 64)])
@@ -359,7 +352,7 @@ def test_timm_conventions():
 def test_features_only_returns_four_stage_maps():
     full = randomize_(ravlt.create_model("ravlt_t")).eval()
     backbone = ravlt.create_model("ravlt_t", features_only=True).eval()
-    assert backbone.feature_channels == (64, 128, 256, 512)
+    assert backbone.feature_info.channels() == [64, 128, 256, 512]
     assert not any(k.startswith(("head.", "proj.", "norm.")) for k in backbone.state_dict())
     backbone.load_state_dict({k: v for k, v in full.state_dict().items() if k in backbone.state_dict()})
     x = torch.randn(1, 3, 96, 64)
@@ -942,7 +935,7 @@ def test_backbone_strides_round_up_and_bf16_autocast(backbone_readme, model):
         feats = body.eval()(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             feats_bf16 = body(x)
-    assert [f.shape[1] for f in feats] == list(body.feature_channels) == [64, 128, 256, 512]
+    assert [f.shape[1] for f in feats] == body.feature_info.channels() == [64, 128, 256, 512]
     assert [tuple(f.shape[-2:]) for f in feats] == _stage_sizes(100, 133)
     errors = [((g.float() - f).norm() / f.norm()).item() for f, g in zip(feats, feats_bf16)]
     assert all(torch.isfinite(g).all() for g in feats_bf16)
@@ -1814,8 +1807,8 @@ def test_bench_quick_runs_and_prints_every_section(capsys):
     model_row = next(r for r in rows if r[:2] == ["ravlt_nano", "ravlt.py"])
     assert float(model_row[3]) > 0 and float(model_row[6]) > 0  # inference and training img/s
     ablation = [" ".join(r[1:4]) for r in rows if r[:1] == ["ravlt_nano"]][1:]
-    assert [a.split(" 0.")[0] for a in ablation] == ["as is", "no channels-last", "dwconv unfolded",
-                                                    "complex RoPE", "LN affine inside", "q, k as"]
+    assert [a.split(" 0.")[0] for a in ablation] == ["as is", "no channels-last", "complex RoPE",
+                                                    "LN affine inside", "q, k as"]
     layer_rows = [r for r in rows if r[:2] in (["8", "64"], ["16", "256"])]
     assert len(layer_rows) == 2  # RALA and softmax at two sizes
     assert any(r[:1] == ["96x128"] for r in rows)  # the high-resolution table
@@ -1897,10 +1890,10 @@ def test_bench_ablation_forms_equal_the_model():
     x = torch.randn(1, 3, 40, 48)
     with torch.no_grad():
         ref = model(x)
-        for swaps in ({(ravlt.FFN, "forward"): bench.ffn_residual_sum}, {(ravlt, "rope"): bench.rope_complex},
+        for swaps in ({(ravlt, "rope"): bench.rope_complex},
                       {(ravlt.LayerNorm2d, "forward"): bench.layer_norm_affine_inside},
                       {(ravlt.Attention, "heads"): bench.heads_as_views}):
             plain = bench.Without(model, swaps)(x)
             torch.testing.assert_close(plain, ref, rtol=1e-5, atol=1e-5)
-        assert ravlt.FFN.forward is not bench.ffn_residual_sum  # put back
+        assert ravlt.rope is not bench.rope_complex  # put back
         torch.testing.assert_close(bench.without_channels_last(model)(x), ref, rtol=1e-5, atol=1e-5)

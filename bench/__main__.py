@@ -170,12 +170,6 @@ def without_channels_last(model):
     return model.to(memory_format=torch.contiguous_format)
 
 
-def ffn_residual_sum(self, x):
-    """FFN.forward in the textbook form: x + dwconv(x), two passes."""
-    x = F.gelu(self.fc1(x))
-    return self.fc2(x + self.dwconv(x))
-
-
 class Without(nn.Module):
     """The same model (same weights) with some of ravlt's functions or methods swapped for others
     while it runs: {(owner, name): replacement}."""
@@ -212,7 +206,7 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
         return call
 
     def twin(name, **kw):  # the release's model (when given) and ours, with the same weights
-        ref = getattr(release, "RAVLT_" + name[-1].upper())() if release and name in ravlt.RELEASED else None
+        ref = getattr(release, "RAVLT_" + name[-1].upper())() if release and name in ravlt.PRETRAINED else None
         ours = ravlt.create_model(name, compile_attn=False, **kw)
         if ref is not None:
             ours.load_state_dict(ref.state_dict(), strict=not ours.features_only)
@@ -270,17 +264,16 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
               f"swaps one for its alternative\n{header}")
         _, base = twin(variants[0])
         macs = ravlt.count_macs(base, size) / 1e9
-        copies = [twin(variants[0])[1] for _ in range(5)]
+        copies = [twin(variants[0])[1] for _ in range(4)]
         for twin_copy in copies:
             twin_copy.load_state_dict(base.state_dict())
         time_models(variants[0], {
             "as is": base,
             "no channels-last": without_channels_last(copies[0]),
-            "dwconv unfolded": Without(copies[1], {(ravlt.FFN, "forward"): ffn_residual_sum}),
             # forms that torch.compile needs, against the eager alternative each replaces
-            "complex RoPE": Without(copies[2], {(ravlt, "rope"): rope_complex}),
-            "LN affine inside": Without(copies[3], {(ravlt.LayerNorm2d, "forward"): layer_norm_affine_inside}),
-            "q, k as views": Without(copies[4], {(ravlt.Attention, "heads"): heads_as_views}),
+            "complex RoPE": Without(copies[1], {(ravlt, "rope"): rope_complex}),
+            "LN affine inside": Without(copies[2], {(ravlt.LayerNorm2d, "forward"): layer_norm_affine_inside}),
+            "q, k as views": Without(copies[3], {(ravlt.Attention, "heads"): heads_as_views}),
         }, macs)
 
     if "checkpointing" in sections:  # the training step's memory and time, blocks recomputed or kept
