@@ -1316,7 +1316,7 @@ def test_train_pretrained_on_gray_images(tmp_path, capsys):
         run_train(tmp_path / "out2", *folder, "--in-chans", 2)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        "train.py: error: argument --in-chans: invalid choice: 2 (choose from 1, 3)"
+        "train.py: error: argument --in-chans: expected 1 or 3, got '2'"
 
 
 def test_train_on_png_image_folder(tmp_path):
@@ -1541,6 +1541,7 @@ FLAG_RANGES = {
     "--reprob": (["1.25"], "a number in [0, 1]"),
     "--model-ema-decay": (["1.1", "-1"], "a number in [0, 1]"),
     "--seed": (["-1", str(2**32)], "an integer in [0, 2^32)"),
+    "--in-chans": (["2", "0", "x"], "1 or 3"),
 }
 
 

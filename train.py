@@ -38,14 +38,11 @@ import ravlt
 # the cores this process may use, which DataLoader also counts before warning of too many workers
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 PRESETS = {  # the defaults that differ between the release's ImageNet recipe (also for `fake` data) and CIFAR's
-    "imagenet": dict(epochs=300, batch_size=128, lr=5e-4, warmup_epochs=5, input_size=224,
-                     repeated_aug=True, model_ema=True, workers=min(8, CORES)),
-    "cifar": dict(epochs=100, batch_size=128, lr=2e-3, warmup_epochs=5, input_size=32,
-                  repeated_aug=False, model_ema=False, workers=min(4, CORES)),
+    "imagenet": dict(epochs=300, lr=5e-4, input_size=224, repeated_aug=True, model_ema=True, workers=min(8, CORES)),
+    "cifar": dict(epochs=100, lr=2e-3, input_size=32, repeated_aug=False, model_ema=False, workers=min(4, CORES)),
 }
 RA_REPEATS = 3  # repeated augmentation: copies of each image per epoch, as DeiT and the release
 TRAIN_STATE = ("model", "optimizer", "scaler", "epoch", "rng", "sampler", "args")
-
 
 # ---- Flags ---------------------------------------------------------------------------------------
 def fail(message):
@@ -80,72 +77,47 @@ def aa_policy(text):
                                      "rand-m9-n2), trivialaugment or none")
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Train or evaluate RAVLT. A default marked 'cifar' applies "
-                                "to --dataset cifar10/cifar100, the other one to imagenet and fake.")
+    p = argparse.ArgumentParser(description="Train or evaluate RAVLT. A default marked 'cifar' applies to --dataset "
+        "cifar10/cifar100, the other to imagenet and fake; with --resume, model and data default to the checkpoint's.")
     p.error = fail  # one line instead of argparse's usage block followed by the error
-    add = p.add_argument
-    # model and data; with --resume or --eval-only, the checkpoint's unless given
+    add, onoff = p.add_argument, argparse.BooleanOptionalAction
     add("--model", choices=list(ravlt.VARIANTS), help="variant (default: ravlt_t)")
-    add("--drop-path", type=below_one, metavar="P", help="stochastic depth of the last block (default: "
-        "the variant's own, 0.1 for T)")
+    add("--drop-path", type=below_one, metavar="P", help="stochastic depth of the last block (default: the variant's)")
     add("--input-size", type=positive_int, metavar="PX", help="image side, pixels (default: 224; cifar 32)")
-    add("--in-chans", type=int, choices=[1, 3], help="image channels: 3 (RGB) or 1 (images read as grayscale; "
-        "--pretrained's RGB kernels summed) (default: 3)")
-    add("--dataset", choices=["cifar10", "cifar100", "imagenet", "fake"], help="cifar10/cifar100 (downloaded "
-        "when absent), imagenet (any DIR/{train,val}/<class>/), fake (random images) (default: cifar10)")
-    add("--data-path", metavar="DIR", help="dataset folder (default: ./data for cifar; needed for imagenet)")
-    add("--fake-samples", type=positive_int, metavar="N", help="fake training images, N/4 val (default: 512)")
-    add("--workers", type=natural, metavar="N", help="data-loading processes per process (default: the "
-        f"cores this process may use, at most 8, here {PRESETS['imagenet']['workers']}; cifar at most 4)")
-    # optimisation
+    add("--in-chans", type=ranged(int, lambda v: v in (1, 3), "1 or 3"), help="3: RGB, 1: grayscale (default: 3)")
+    add("--dataset", choices=["cifar10", "cifar100", "imagenet", "fake"], help="cifar: downloaded (default: cifar10)")
+    add("--data-path", metavar="DIR", help="imagenet: DIR/{train,val}/<class>/, needed (default: ./data for cifar)")
+    add("--fake-samples", type=positive_int, metavar="N", help="fake's random training images, N/4 val (default: 512)")
+    add("--workers", type=natural, metavar="N", help="loader workers per process (default: its cores, ≤ 8; cifar ≤ 4)")
     add("--epochs", type=positive_int, metavar="N", help="training epochs (default: 300; cifar 100)")
-    add("--batch-size", type=positive_int, metavar="N", help="images per process and step; global batch = "
-        "N × processes (default: 128; cifar 128)")
-    add("--lr", type=positive, help="peak learning rate per 512 images of global batch, scaled "
-                                    "linearly to the real global batch (default: 5e-4; cifar 2e-3)")
+    add("--batch-size", type=positive_int, default=128, metavar="N", help="images per process and step (default: 128)")
+    add("--lr", type=positive, help="peak lr per 512 images, scaled to the global batch (default: 5e-4; cifar 2e-3)")
     add("--min-lr", type=non_negative, default=1e-5, metavar="LR", help="the cosine's end (default: 1e-5)")
     add("--warmup-lr", type=positive, default=1e-6, metavar="LR", help="the first step's lr (default: 1e-6)")
-    add("--warmup-epochs", type=natural, metavar="N", help="epochs of linear warm-up (default: 5; cifar 5)")
-    add("--weight-decay", type=non_negative, default=0.05, metavar="WD", help="AdamW decoupled weight decay, "
-        "none on biases and other 1-D parameters (default: 0.05)")
+    add("--warmup-epochs", type=natural, default=5, metavar="N", help="epochs of linear warm-up (default: 5)")
+    add("--weight-decay", type=non_negative, default=0.05, metavar="WD", help="AdamW, 0 on 1-D params (default: 0.05)")
     add("--clip-grad", type=positive, metavar="NORM", help="clip the gradients' L2 norm (default: off)")
-    # augmentation and regularisation
     add("--smoothing", type=fraction, default=0.1, metavar="EPS", help="label smoothing (default: 0.1)")
     add("--mixup", type=non_negative, default=0.8, metavar="ALPHA", help="MixUp α, 0 = off (default: 0.8)")
-    add("--cutmix", type=non_negative, default=1.0, metavar="ALPHA", help="CutMix α, 0 = off; with both on, "
-        "each batch uses one (default: 1.0)")
-    add("--aa", type=aa_policy, default="rand-m9-n2", metavar="POLICY", help="rand-mM-nN (RandAugment, N "
-        "ops of magnitude M on timm's 0-10 scale), trivialaugment, or none (default: rand-m9-n2)")
-    add("--color-jitter", type=non_negative, default=0.4, metavar="F", help="brightness/contrast/saturation "
-        "jitter, only with --aa none, as in timm (default: 0.4)")
+    add("--cutmix", type=non_negative, default=1.0, metavar="ALPHA", help="CutMix α, 0 = off (default: 1.0)")
+    add("--aa", type=aa_policy, default="rand-m9-n2", metavar="POLICY", help="rand-mM-nN (RandAugment, N ops of "
+        "magnitude M on timm's 0-10 scale), trivialaugment, or none (default: rand-m9-n2)")
+    add("--color-jitter", type=non_negative, default=0.4, metavar="F", help="colour jitter if --aa none (default: 0.4)")
     add("--reprob", type=fraction, default=0.25, metavar="P", help="random-erasing chance (default: 0.25)")
-    add("--repeated-aug", action=argparse.BooleanOptionalAction,
-        help=f"each image {RA_REPEATS}× per epoch, on different processes (default: on; cifar off)")
-    add("--model-ema", action=argparse.BooleanOptionalAction, help="keep, evaluate and save an exponential "
-        "moving average of the weights (default: on; cifar off)")
-    add("--model-ema-decay", type=fraction, default=0.99996, metavar="D", help="EMA decay per step at "
-        "global batch 512; D^(B/512) at batch B (default: 0.99996)")
-    # runtime
-    add("--amp", choices=["bf16", "fp16", "none"], help="bf16 or fp16 autocast (fp16 with loss scaling, "
-        "the release's), none = float32 (default: bf16 on GPUs that have it, else fp16; none on CPU)")
-    add("--compile", action="store_true", help="torch.compile the whole model: faster at a fixed input size "
-        "(default: off; on CUDA the attention cores alone are compiled)")
-    add("--grad-checkpointing", action="store_true", help="recompute each block's activations in backward: "
-        "less memory, a slower step (default: off)")
-    add("--device", choices=["cuda", "cpu"], help="where to compute; under torchrun process r takes "
-        "cuda:LOCAL_RANK (default: cuda if available)")
+    add("--repeated-aug", action=onoff, help=f"each image {RA_REPEATS}× per epoch (default: on; cifar off)")
+    add("--model-ema", action=onoff, help="keep, evaluate and save an EMA of the weights (default: on; cifar off)")
+    add("--model-ema-decay", type=fraction, default=0.99996, help="EMA decay per 512 images (default: 0.99996)")
+    add("--amp", choices=["bf16", "fp16", "none"], help="autocast (default: bf16 if supported, else fp16; none on CPU)")
+    add("--compile", action="store_true", help="compile the whole model (default: only the attention cores, on CUDA)")
+    add("--grad-checkpointing", action="store_true", help="recompute in backward: less memory, slower (default: off)")
+    add("--device", choices=["cuda", "cpu"], help="torchrun: process r on cuda:LOCAL_RANK (default: cuda if available)")
     add("--seed", type=seed_int, default=0, metavar="N", help="random seed, N + r on process r (default: 0)")
-    add("--output-dir", metavar="DIR", help="for log.jsonl and checkpoint.pth, never another run's "
-        "(default: output/MODEL_DATASET; with --resume, its own)")
-    add("--resume", metavar="PATH", help="checkpoint.pth to continue (or extend, with more --epochs); "
-        "with --eval-only, any checkpoint ravlt.load_checkpoint reads (default: none)")
-    add("--pretrained", nargs="?", const=True, metavar="PATH", help="start from the release's ImageNet-1k "
-        "weights for --model (no PATH; downloaded once into torch's hub cache) or from PATH (any checkpoint "
-        "ravlt.load_checkpoint reads), a new classifier for another class count (default: random init)")
-    add("--eval-only", action="store_true", help="evaluate --resume's weights (and EMA weights, if any) on "
-        "the val set, then stop (default: off)")
+    add("--output-dir", metavar="DIR", help="log.jsonl, checkpoint.pth (default: output/MODEL_DATASET; --resume's own)")
+    add("--resume", metavar="PATH", help="checkpoint.pth to continue (to extend it, raise --epochs) (default: none)")
+    add("--pretrained", nargs="?", const=True, metavar="PATH", help="--model's released ImageNet-1k weights "
+        "(downloaded once) or PATH's (any checkpoint), a new classifier for another class count (default: random init)")
+    add("--eval-only", action="store_true", help="only evaluate --resume (any checkpoint) and its EMA (default: off)")
     return p
-
 
 # ---- Before any work: the checkpoint, the defaults, the flags, the pretrained weights -------------
 def first_missing(path):
@@ -240,7 +212,6 @@ def load_weights(model, flag, path, ckpt, use_ema=False):
     except ValueError as e:
         fail(f"{flag} {path}: {str(e).splitlines()[0]}")
 
-
 # ---- Data ----------------------------------------------------------------------------------------
 class RepeatAugSampler(DistributedSampler):
     """Repeated augmentation (DeiT's RASampler): each image RA_REPEATS times per epoch, the copies on
@@ -331,7 +302,6 @@ def build_mix(args, num_classes):
     return T.RandomChoice(mixes) if mixes else None
 
 def build_transforms(args, cfg):
-    """Training and evaluation pipelines (PIL image in, normalised float tensor out)."""
     size, bicubic, mean, std = args.input_size, T.InterpolationMode.BICUBIC, cfg["mean"], cfg["std"]
     if args.in_chans == 1:  # gray: one channel, normalised by the mean of the RGB statistics
         mean, std = [sum(mean) / 3], [sum(std) / 3]
@@ -355,7 +325,6 @@ def build_transforms(args, cfg):
     erase = [T.RandomErasing(args.reprob, value="random")] if args.reprob > 0 else []  # noise patch
     return T.Compose(train + tensor + erase), T.Compose(val + tensor)
 
-
 # ---- Model, optimizer and lr schedule, EMA, resume, checkpoint -----------------------------------
 def build_model(args, num_classes, device, world):
     overrides = {} if args.drop_path is None else dict(drop_path_rate=args.drop_path)
@@ -374,22 +343,12 @@ def build_optimizer(model, args, steps, world, device):
               dict(params=[p for p in model.parameters() if p.ndim <= 1], weight_decay=0.0)]
     optimizer = torch.optim.AdamW(groups, lr=peak, fused=device.type == "cuda")
     warmup, total, first = args.warmup_epochs * steps, args.epochs * steps, min(args.warmup_lr, peak)
-
     def schedule(step):
         if step < warmup:
             return first + (peak - first) * step / warmup
         done = (step - warmup) / max(1, total - warmup)  # 0 to 1 over the cosine
         return args.min_lr + (peak - args.min_lr) * (1 + math.cos(math.pi * done)) / 2
     return optimizer, schedule
-
-def build_ema(model, args, world):
-    """An EMA of the weights, or None; decay D^(B/512) per step at global batch B: the same per image."""
-    if not args.model_ema:
-        return None
-    decay = args.model_ema_decay ** (args.batch_size * world / 512)
-    model_ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-    model_ema.update_parameters(model)  # the first update only copies: start from these weights
-    return model_ema
 
 def restore(ckpt, model, model_ema, optimizer, scaler, args, device, rank, world, log):
     """--resume's weights, EMA, AdamW moments (hyper-parameters: the flags'), loss scale, random state."""
@@ -412,13 +371,6 @@ def restore(ckpt, model, model_ema, optimizer, scaler, args, device, rank, world
         log(f"nothing to do: {args.resume} is at epoch {ckpt['epoch']} of --epochs {args.epochs}; "
             "raise --epochs to train on")
     return ckpt["epoch"]
-
-def wrap(model, args, world):
-    """The training module (DDP, then compiled) and the evaluating one (compiled, outside DDP: val shards differ)."""
-    # DDP warns of depthwise weights (C, 1, k, k), whose gradient strides differ on a size-1 dim only: noise
-    warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
-    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    return (torch.compile(train_model), torch.compile(model)) if args.compile else (train_model, model)
 
 def save(row, model, model_ema, optimizer, scaler, sampler, args, device, rank, world):
     """checkpoint.pth replaced (the model's own keys, no DDP or compile prefix) with every process's
@@ -445,7 +397,6 @@ def save(row, model, model_ema, optimizer, scaler, sampler, args, device, rank, 
     print(f"epoch {row['epoch']}/{args.epochs}: train loss {row['train_loss']:.4f}, val loss "
           f"{row['val_loss']:.4f}, acc1 {row['val_acc1']:.2f}, acc5 {row['val_acc5']:.2f}{ema}, "
           f"lr {row['lr']:.3g}, {row['img_per_s']:.0f} img/s, {row['epoch_time']:.1f} s")
-
 
 # ---- One epoch of training, one pass of evaluation -----------------------------------------------
 def train_one_epoch(model, raw_model, model_ema, criterion, mix, loader, optimizer, schedule, scaler,
@@ -522,7 +473,6 @@ def evaluate_checkpoint(model, ckpt, loader, device, amp_dtype, args, log):
     log(json.dumps(results))
     return results
 
-
 # ---- Main ----------------------------------------------------------------------------------------
 def init_distributed(args):
     """(rank, world size, device): torchrun sets RANK and LOCAL_RANK; without them, one process."""
@@ -537,6 +487,8 @@ def init_distributed(args):
     if cuda:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
+    # DDP warns of depthwise weights (C, 1, k, k), whose gradient strides differ on a size-1 dim only: noise
+    warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -562,7 +514,6 @@ def run(args):
     resolve_defaults(args, ckpt, device)
     check_flags(args, ckpt, world)
     pretrained = read_pretrained(args, rank, world) if args.pretrained is not None else None
-
     torch.manual_seed(args.seed)  # the same initial weights on every process
     sets, num_classes = build_datasets(args, rank, world)
     val_loader, sampler, train_loader = build_loaders(sets, args, ckpt, device, rank, world)
@@ -577,18 +528,21 @@ def run(args):
         log(f"weights from {pretrained[0]}")
     optimizer, schedule = build_optimizer(model, args, len(train_loader), world, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    model_ema = build_ema(model, args, world)
+    model_ema = None
+    if args.model_ema:  # decay D^(B/512) per step at global batch B: the same per image
+        decay = args.model_ema_decay ** (args.batch_size * world / 512)
+        model_ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        model_ema.update_parameters(model)  # the first update only copies: start from these weights
     torch.manual_seed(args.seed + rank)  # different augmentations and drop-path masks per process
     random.seed(args.seed + rank)
     start_epoch = 0 if ckpt is None else restore(ckpt, model, model_ema, optimizer, scaler, args, device,
                                                  rank, world, log)
-    train_model, eval_model = wrap(model, args, world)
+    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # eval: no DDP, val shards differ
+    train_model, eval_model = map(torch.compile if args.compile else lambda m: m, (train_model, model))
     mix, criterion = build_mix(args, num_classes), nn.CrossEntropyLoss(label_smoothing=args.smoothing)
-    log(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {num_classes} "
-        f"classes, {len(sets['train'])} train / {len(sets['val'])} val images, {world} process(es) on "
-        f"{device.type}, global batch {args.batch_size * world}, peak lr {optimizer.defaults['lr']:.3g}, "
-        f"amp {args.amp}")
-
+    log(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {num_classes} classes, "
+        f"{len(sets['train'])} train / {len(sets['val'])} val images, {world} process(es) on {device.type}, global "
+        f"batch {args.batch_size * world}, peak lr {optimizer.defaults['lr']:.3g}, amp {args.amp}")
     row = {}
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
