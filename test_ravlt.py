@@ -1648,6 +1648,17 @@ def _png_size(b64):
     return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
+def _png_dpi(b64):
+    import base64
+
+    png = base64.b64decode(b64)
+    at = png.find(b"pHYs")  # the chunk matplotlib writes: pixels per unit along x and y, then the unit
+    assert at > 0, "a figure without its resolution"
+    per_unit, unit = int.from_bytes(png[at + 4:at + 8], "big"), png[at + 12]
+    assert unit == 1, "pHYs unit is not the metre"
+    return per_unit * 0.0254  # dots per inch
+
+
 @slow
 def test_tutorial_notebook_runs_top_to_bottom():
     """Execute tutorial.ipynb in a fresh kernel of this interpreter, from the repo root, in memory
@@ -1667,12 +1678,13 @@ def test_tutorial_notebook_runs_top_to_bottom():
     solutions = [i for i, m in enumerate(markdown) if re.search(r"<summary><b>Solution \d+", m)]
     assert len(exercises) >= 5 and len(solutions) == len(exercises)
     assert all(e <= s for e, s in zip(exercises, solutions))
-    # committed figures readable on a projector: at least 800 px wide, none huge
+    # committed figures readable on a projector: at least 800 px wide and 150 dpi, none huge
     committed = [o["data"]["image/png"] for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(committed) >= 6
     for png in committed:
         width, height = _png_size(png)
         assert 800 <= width <= 2400 and height <= 1600, (width, height)
+        assert _png_dpi(png) >= 149.5, _png_dpi(png)
 
     # "python3" may resolve to a kernel spec of another interpreter: the first cell (added in memory)
     # checks that the kernel runs in this environment, with this torch
