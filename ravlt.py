@@ -212,7 +212,7 @@ class Attention(nn.Module):
     def forward(self, x, rot):
         B, C, H, W = x.shape
         use_compiled = x.is_cuda if self.compile_attn is None else self.compile_attn
-        core = _compiled(self.kind) if use_compiled else _CORES[self.kind]
+        core = _compiled(self.kind) if use_compiled and not torch.compiler.is_compiling() else _CORES[self.kind]
         q, k, v, o = self.heads(x)
         y = core(q, k, v, rot)  # (B, h, d, N)
         # heads back to channels: (B, h, d, N) -> (B, N, h, d) -> (B, H, W, C) -> (B, C, H, W), channels-last
@@ -547,9 +547,9 @@ def download_checkpoint(name):
 
 def create_model(name, pretrained=None, features_only=False, compile_attn=None, norm_eval=False,
                  out_norm=False, grad_checkpointing=False, **overrides):
-    """Build a RAVLT variant: create_model("ravlt_t", num_classes=10, attn=("rala",) * 4).
-    overrides: any RAVLTConfig field (num_classes, in_chans, drop_path_rate, attn, ...).
-    compile_attn: None compiles the attention on CUDA only, True always (CPU via inductor), False never.
+    """Build a RAVLT variant: create_model("ravlt_t", num_classes=10, attn=("rala",) * 4), overrides being
+    any RAVLTConfig fields. compile_attn: None compiles the attention core on CUDA only, True always (CPU
+    via inductor), False never; inside torch.compile(model) the plain core is traced with the rest.
     pretrained: a path, or True for the release's ImageNet-1k file (its `model` weights); a new classifier
       if num_classes is given and differs, the first conv adapted to in_chans. features_only: the four
     stage maps (a backbone); norm_eval: BatchNorm frozen; out_norm (with features_only): the release's
