@@ -61,10 +61,11 @@ class LayerNorm2d(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x):
-        # normalise C, the last dim once permuted; then scale and shift each channel of the map (an
-        # affine before the permute back breaks torch.compile on varying sizes: pytorch#172204)
-        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=self.norm.eps).permute(0, 3, 1, 2)
-        return x * self.norm.weight[:, None, None] + self.norm.bias[:, None, None]  # (B, C, H, W)
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C): normalise C, the last dim
+        if torch.compiler.is_compiling():  # compiled: affine after the permute back, or sizes fail (pytorch#172204)
+            x = F.layer_norm(x, x.shape[-1:], eps=self.norm.eps).permute(0, 3, 1, 2)
+            return x * self.norm.weight[:, None, None] + self.norm.bias[:, None, None]  # (B, C, H, W)
+        return self.norm(x).permute(0, 3, 1, 2)  # eager: LayerNorm's own affine, ≥ 5% faster (bench ablation)
 
 
 class DropPath(nn.Module):
@@ -162,7 +163,8 @@ def rala(q, k, v, rot, eps=1e-6):
 def softmax_attention(q, k, v, rot):
     """Y = softmax(d^-½ q kᵀ) v with RoPE on q, k (stages 3-4), by SDPA: it never stores the N×N matrix."""
     q, k = rope(q, rot), rope(k, rot)  # (B, h, d, N)
-    q, k, v = (t.transpose(-2, -1) for t in (q, k, v))  # (B, h, N, d)
+    # d contiguous: SDPA's fused kernels need it (its fallback, the math path, stores the N×N matrix)
+    q, k, v = (t.transpose(-2, -1).contiguous() for t in (q, k, v))  # (B, h, N, d)
     return F.scaled_dot_product_attention(q, k, v).transpose(-2, -1)  # (B, h, N, d) -> (B, h, d, N)
 
 
@@ -311,8 +313,7 @@ class FeatureInfo(list):  # timm's `feature_info`: per output map a dict of chan
 
 class RAVLT(nn.Module):
     """Stem (stride 4), four stages with downsampling between them, then the classifier head."""
-    # channels-last memory (a pixel's C values side by side; shapes unchanged): faster convolutions
-    memory_format = torch.channels_last
+    memory_format = torch.channels_last  # a pixel's C values side by side (shapes unchanged): faster convolutions
 
     def __init__(self, cfg, features_only=False, compile_attn=None, norm_eval=False, out_norm=False):
         super().__init__()
@@ -371,8 +372,7 @@ class RAVLT(nn.Module):
         x = self.patch_embed.proj(x.contiguous(memory_format=self.memory_format))  # (B, C1, H/4, W/4)
         features = []
         for stage in self.layers:
-            x = stage(x)
-            features.append(x)
+            features.append(x := stage(x))  # (B, C_i, H_i, W_i)
             if stage.downsample is not None:
                 x = stage.downsample(x)  # (B, C_{i+1}, H_i/2, W_i/2)
         return features

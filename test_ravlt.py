@@ -165,6 +165,18 @@ def test_softmax_attention_equals_spec_and_explicit_matrix(qkv):
     torch.testing.assert_close(A.sum(-1), torch.ones(A.shape[:-1]))
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_softmax_attention_never_stores_the_n_by_n_matrix(channels_last):
+    # SDPA's fused kernel needs d contiguous in (B, h, N, d); its math fallback stores h·N² floats
+    layer = ravlt.Attention(64, 2, "softmax", compile_attn=False)
+    x, rot = torch.randn(1, 64, 32, 32), ravlt.RoPE2d(32)(32, 32)  # N = 1024 tokens: N×N×2 heads is 8 MiB
+    if channels_last:  # as in RAVLT
+        layer, x = layer.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    with torch.no_grad(), bench.LiveTensorBytes() as tracker:
+        layer(x, rot)
+    assert tracker.peak < 2 * 1024 * 1024 * 4 / 2
+
+
 @pytest.mark.parametrize("kind", ["rala", "softmax"])
 def test_attention_frame_gate_lepe_and_head_major_channels(kind):
     """proj(o ⊙ (Y + LePE(v))) with q | k | v | o channel groups, head-major, rebuilt by hand."""
@@ -1821,7 +1833,7 @@ def test_bench_quick_runs_and_prints_every_section(capsys):
     assert float(model_row[3]) > 0 and float(model_row[6]) > 0  # inference and training img/s
     ablation = [" ".join(r[1:4]) for r in rows if r[:1] == ["ravlt_nano"]][1:]
     assert [a.split(" 0.")[0] for a in ablation] == ["as is", "no channels-last", "complex RoPE",
-                                                    "LN affine inside", "q, k as"]
+                                                    "LN affine outside", "q, k as"]
     layer_rows = [r for r in rows if r[:2] in (["8", "64"], ["16", "256"])]
     assert len(layer_rows) == 2  # RALA and softmax at two sizes
     assert any(r[:1] == ["96x128"] for r in rows)  # the high-resolution table
@@ -1892,6 +1904,23 @@ def test_bench_refuses_zero_rounds(capsys):
         assert exit_info.value.code == 2 and "must be at least 1" in capsys.readouterr().err
 
 
+@slow  # compiles nano for inference and a training step
+def test_bench_profile_splits_the_time_by_kind_of_op(capsys):
+    bench.main(["--quick", "--device", "cpu", "--sections", "profile"])
+    lines = capsys.readouterr().out.splitlines()
+    for path in ("ravlt.py (eager)", "torch.compile(model)"):  # rows: inference, then a training step
+        assert sum(line.startswith(path) for line in lines) == 2
+    rows = [[float(v) for v in line[22:].split()] for line in lines if line.startswith(("ravlt.py (", "torch.c"))]
+    for eager, compiled in (rows[0:2], rows[2:4]):  # ms: convolutions, matmuls, generated code, other, total
+        assert eager[0] > 0 and compiled[0] > 0 and eager[2] == 0 < compiled[2]  # compiled: generated code
+        assert compiled[3] < eager[3]  # the element-wise ops went into the generated code
+        for row in (eager, compiled):
+            assert sum(row[:4]) == pytest.approx(row[4], abs=0.25)  # the kinds add up (each rounded to 0.1)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", "--device", "cuda", "--sections", "profile"])
+    assert exit_info.value.code == 2 and "--device cpu" in capsys.readouterr().err
+
+
 def test_bench_ablation_forms_equal_the_model():
     # the forms the ablation times must compute what ravlt.py computes
     torch.manual_seed(0)
@@ -1904,7 +1933,7 @@ def test_bench_ablation_forms_equal_the_model():
     with torch.no_grad():
         ref = model(x)
         for swaps in ({(ravlt, "rope"): bench.rope_complex},
-                      {(ravlt.LayerNorm2d, "forward"): bench.layer_norm_affine_inside},
+                      {(ravlt.LayerNorm2d, "forward"): bench.layer_norm_affine_outside},
                       {(ravlt.Attention, "heads"): bench.heads_as_views}):
             plain = bench.Without(model, swaps)(x)
             torch.testing.assert_close(plain, ref, rtol=1e-5, atol=1e-5)

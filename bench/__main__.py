@@ -3,6 +3,7 @@
     python -m bench                              # RAVLT-T and -S, the layer alone, high resolution
     python -m bench --release-file RALA.py       # add the release's model (needs timm, einops, fvcore)
     python -m bench --sections ablation          # each speed trick of ravlt.py, on and off
+    python -m bench --sections profile           # where the time goes (CPU), eager and compiled
     python -m bench --quick                      # tiny sizes, in seconds (a test runs all sections)
 
 Method (see bench/README.md): the models of one table are timed in rounds, one timing (≥ 50 ms of
@@ -116,6 +117,28 @@ def ratio(a, b):
     return statistics.median(ta / tb for ta, tb in zip(a, b))
 
 
+PROFILE_GROUPS = ("convolutions", "matmuls, SDPA", "generated code", "other ops")
+
+
+def profile_ms(step, steps=3):
+    """Milliseconds per call of step (after two warm-up calls), torch.profiler's self CPU time summed
+    by kind of op: convolutions (oneDNN, forward and backward), matmuls and SDPA, inductor's generated
+    code (a compiled graph's own time), and all other ops (element-wise, norms, copies, the optimizer)
+    run one by one."""
+    for _ in range(2):
+        step()  # warm-up; compiles
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    ms = dict.fromkeys(PROFILE_GROUPS, 0.0)
+    for event in prof.key_averages():
+        name = event.key.lower()
+        group = ("convolutions" if "conv" in name else "matmuls, SDPA" if "mm" in name or "scaled_dot" in name
+                 else "generated code" if "compiled" in name else "other ops")
+        ms[group] += event.self_cpu_time_total / 1e3 / steps
+    return ms
+
+
 def reuse_freed_memory():
     """Have glibc's malloc keep freed memory for reuse. By default it maps every block over 32 MiB
     afresh (mmap) and returns it when freed, so that each such tensor costs page faults that zero
@@ -152,9 +175,10 @@ def rope_complex(x, rot):
     return out.to(x.dtype).transpose(-2, -1)
 
 
-def layer_norm_affine_inside(self, x):
-    """LayerNorm2d.forward with nn.LayerNorm's own affine, before the permute back (one pass less)."""
-    return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+def layer_norm_affine_outside(self, x):
+    """LayerNorm2d.forward's compiled form run eagerly: the affine after the permute back."""
+    x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=self.norm.eps).permute(0, 3, 1, 2)
+    return x * self.norm.weight[:, None, None] + self.norm.bias[:, None, None]
 
 
 def heads_as_views(self, x):
@@ -270,9 +294,10 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
         time_models(variants[0], {
             "as is": base,
             "no channels-last": without_channels_last(copies[0]),
-            # forms that torch.compile needs, against the eager alternative each replaces
+            # forms torch.compile needs: RoPE and q, k in them always, each row times the eager alternative;
+            # LayerNorm2d has two forms (eager's own faster), the row times its compiled form run eagerly
             "complex RoPE": Without(copies[1], {(ravlt, "rope"): rope_complex}),
-            "LN affine inside": Without(copies[2], {(ravlt.LayerNorm2d, "forward"): layer_norm_affine_inside}),
+            "LN affine outside": Without(copies[2], {(ravlt.LayerNorm2d, "forward"): layer_norm_affine_outside}),
             "q, k as views": Without(copies[3], {(ravlt.Attention, "heads"): heads_as_views}),
         }, macs)
 
@@ -283,6 +308,25 @@ def bench(variants=("ravlt_t", "ravlt_s"), size=224, batch=16, train_batch=8,
         recompute.load_state_dict(base.state_dict())
         recompute.set_grad_checkpointing(True)
         time_models(variants[0], {"as is": base, "grad checkpointing": recompute}, ravlt.count_macs(base, size) / 1e9)
+
+    if "profile" in sections:  # where the time goes, eager and compiled (CPU: torch.profiler)
+        print(f"\nwhere the time goes, {variants[0]} ({size}²): ms per call, torch.profiler's self CPU time "
+              f"by kind of op\n{'path':<22}" + "".join(f"{g:>16}" for g in PROFILE_GROUPS) + f"{'total':>10}")
+        _, base = twin(variants[0])
+        paths = {"ravlt.py (eager)": base.to(device), COMPILED[1]: torch.compile(copy.deepcopy(base))}
+        opts = {path: torch.optim.AdamW(model.parameters()) for path, model in paths.items()}
+
+        def train_step(model, opt):
+            F.cross_entropy(model.train()(xt), target).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for call in (f"inference, batch {batch}", f"training step, batch {train_batch}"):
+            print(call)
+            for path, model in paths.items():
+                fn = (run(lambda model=model: model.eval()(x)) if call.startswith("inference") else
+                      run(lambda model=model, opt=opts[path]: train_step(model, opt), grad=True))
+                ms = profile_ms(fn)
+                print(f"{path:<22}" + "".join(f"{ms[g]:>16.1f}" for g in PROFILE_GROUPS) + f"{sum(ms.values()):>10.1f}")
 
     if "layer" in sections:
         print("\nattention layer alone (C=64, 1 head, batch 1, inference): ms | extra peak MB")
@@ -346,7 +390,7 @@ def main(argv=None):
                         "compile_attn=True and torch.compile(model), first calls apart (always on CUDA)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--sections", nargs="+", default=["models", "layer", "highres"],
-                        choices=["models", "ablation", "checkpointing", "layer", "highres"], help="parts to run")
+                        choices=["models", "ablation", "checkpointing", "profile", "layer", "highres"], help="parts to run")
     parser.add_argument("--release-file", help="the release's RALA.py, timed side by side on the same "
                         "weights (needs timm, einops and fvcore)")
     parser.add_argument("--reuse-freed-memory", action="store_true", help="glibc keeps freed memory for "
@@ -354,6 +398,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.batch < 1:
         parser.error("--repeats and --batch must be at least 1")
+    if "profile" in args.sections and args.device != "cpu":
+        parser.error("--sections profile reads CPU times: run it with --device cpu")
     if args.reuse_freed_memory:
         reuse_freed_memory()
         print("malloc: freed memory reused (glibc: no mmap for large blocks, trim threshold 2 GiB)")
