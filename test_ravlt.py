@@ -1906,6 +1906,7 @@ def test_bench_refuses_zero_rounds(capsys):
 
 @slow  # compiles nano for inference and a training step
 def test_bench_profile_splits_the_time_by_kind_of_op(capsys):
+    torch._dynamo.reset()  # as in a fresh process: earlier tests' graphs filled RAVLT.forward's recompile limit
     bench.main(["--quick", "--device", "cpu", "--sections", "profile"])
     lines = capsys.readouterr().out.splitlines()
     for path in ("ravlt.py (eager)", "torch.compile(model)"):  # rows: inference, then a training step
