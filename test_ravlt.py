@@ -1833,7 +1833,7 @@ def test_bench_quick_runs_and_prints_every_section(capsys):
     assert float(model_row[3]) > 0 and float(model_row[6]) > 0  # inference and training img/s
     ablation = [" ".join(r[1:4]) for r in rows if r[:1] == ["ravlt_nano"]][1:]
     assert [a.split(" 0.")[0] for a in ablation] == ["as is", "no channels-last", "complex RoPE",
-                                                    "LN affine outside", "q, k as"]
+                                                    "LN affine inside", "q, k as"]
     layer_rows = [r for r in rows if r[:2] in (["8", "64"], ["16", "256"])]
     assert len(layer_rows) == 2  # RALA and softmax at two sizes
     assert any(r[:1] == ["96x128"] for r in rows)  # the high-resolution table
@@ -1934,7 +1934,7 @@ def test_bench_ablation_forms_equal_the_model():
     with torch.no_grad():
         ref = model(x)
         for swaps in ({(ravlt, "rope"): bench.rope_complex},
-                      {(ravlt.LayerNorm2d, "forward"): bench.layer_norm_affine_outside},
+                      {(ravlt.LayerNorm2d, "forward"): bench.layer_norm_affine_inside},
                       {(ravlt.Attention, "heads"): bench.heads_as_views}):
             plain = bench.Without(model, swaps)(x)
             torch.testing.assert_close(plain, ref, rtol=1e-5, atol=1e-5)
