@@ -61,10 +61,11 @@ class LayerNorm2d(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x):
-        # normalise C, the last dim once permuted; then scale and shift each channel of the map (an
-        # affine before the permute back breaks torch.compile on varying sizes: pytorch#172204)
-        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=self.norm.eps).permute(0, 3, 1, 2)
-        return x * self.norm.weight[:, None, None] + self.norm.bias[:, None, None]  # (B, C, H, W)
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C): normalise C, the last dim
+        if torch.compiler.is_compiling():  # compiled: affine after the permute back, or sizes fail (pytorch#172204)
+            x = F.layer_norm(x, x.shape[-1:], eps=self.norm.eps).permute(0, 3, 1, 2)
+            return x * self.norm.weight[:, None, None] + self.norm.bias[:, None, None]  # (B, C, H, W)
+        return self.norm(x).permute(0, 3, 1, 2)  # eager: LayerNorm's own affine, 2-6% faster to train (bench)
 
 
 class DropPath(nn.Module):
