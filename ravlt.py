@@ -446,7 +446,8 @@ def _state_dict(ckpt, name, use_ema):
     sd = ckpt.get("model_ema" if use_ema else "model", ckpt)
     if not sd or not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{name} holds no state dict (keys: {list(ckpt)[:5]})")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}  # DDP, compile
+    unwrap = lambda k: k.removeprefix("_orig_mod.").removeprefix("module.").removeprefix("_orig_mod.")
+    return {unwrap(k): v for k, v in sd.items()}  # DDP's and torch.compile's prefixes, in either order
 
 
 def adapt_input_conv(weight, in_chans):
@@ -484,8 +485,7 @@ def load_checkpoint(model, checkpoint, use_ema=False, new_head=True):
                           and (k in norms or not k.startswith("extra_norms."))}}
     elif "head.weight" in sd and sd["head.weight"].shape[0] != model.num_classes:
         if not new_head:
-            raise ValueError(f"{name} classifies {sd['head.weight'].shape[0]} classes, the model "
-                             f"{model.num_classes}")
+            raise ValueError(f"{name} classifies {sd['head.weight'].shape[0]} classes, the model {model.num_classes}")
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         sd.update({k: v for k, v in own.items() if k.startswith("head.")})  # fine-tuning: new head
     problems = {"shape mismatch": [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"

@@ -552,7 +552,12 @@ def test_load_release_style_checkpoint_and_plain_state_dicts(tmp_path):
     release_style_checkpoint(tmp_path / "release.pth", src.state_dict())
     torch.save(src.state_dict(), tmp_path / "plain.pth")
     torch.save({"module." + k: v for k, v in src.state_dict().items()}, tmp_path / "ddp.pth")
-    for name in ("release.pth", "plain.pth", "ddp.pth"):
+    # wrappers' state dicts, in either order: torch.compile adds "_orig_mod.", DataParallel "module."
+    wrapped = {"compiled.pth": torch.compile(src), "compiled_dp.pth": torch.compile(nn.DataParallel(src)),
+               "dp_compiled.pth": nn.DataParallel(torch.compile(src))}
+    for name, wrapper in wrapped.items():
+        torch.save(wrapper.state_dict(), tmp_path / name)
+    for name in ("release.pth", "plain.pth", "ddp.pth", *wrapped):
         model = ravlt.create_model("ravlt_nano", pretrained=tmp_path / name).eval()
         with torch.no_grad():
             torch.testing.assert_close(model(x), expected)
@@ -1211,6 +1216,20 @@ def test_train_rerun_keeps_the_run_in_its_folder(fake_run, capsys):
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
+@pytest.mark.parametrize("held", [torch.zeros(2), {"model": {}}], ids=["tensor", "state-dict-only"])
+def test_train_refuses_a_folder_holding_another_checkpoint(tmp_path, capsys, held):
+    os.makedirs(tmp_path / "out")
+    torch.save(held, tmp_path / "out" / "checkpoint.pth")
+    before = (tmp_path / "out" / "checkpoint.pth").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(tmp_path / "out", *FAKE)
+    (line,) = visible_lines(capsys.readouterr().err)
+    assert exit_info.value.code == 2
+    assert line == (f"train.py: error: --output-dir {tmp_path / 'out'} holds a checkpoint.pth that train.py "
+                    "did not write: move it, or give another --output-dir")
+    assert (tmp_path / "out" / "checkpoint.pth").read_bytes() == before
+
+
 def test_train_resume_refuses_other_data_or_global_batch(fake_run, tmp_path, capsys):
     out, _, _ = fake_run
     cases = {("--batch-size", 8): "--batch-size: {} was trained with global batch 4, this run global batch 8",
@@ -1258,13 +1277,16 @@ def test_train_run_stopped_by_bad_input_leaves_no_folder(tmp_path, monkeypatch, 
 
     monkeypatch.setattr("urllib.request.urlopen", offline)
     torch.save({"model": shapes_only("ravlt_t")[1]}, tmp_path / "ravlt_t.pth")
-    cases = {"cifar offline": ["--dataset", "cifar10", "--data-path", tmp_path / "new" / "data"],
-             "batch larger than the data": [*FAKE, "--fake-samples", 2],
-             "weights of another variant": [*FAKE, "--pretrained", tmp_path / "ravlt_t.pth"]}
-    for name, argv in cases.items():
+    cifar = ["--dataset", "cifar10", "--data-path", tmp_path / "new" / "data"]
+    cases = {"cifar offline": (cifar, "could not get CIFAR10"),
+             "batch larger than the data": ([*FAKE, "--fake-samples", 2], "fewer than --batch-size"),
+             "weights of another variant": ([*FAKE, "--pretrained", tmp_path / "ravlt_t.pth"], "holds ravlt_t"),
+             "the same, found before the data": ([*cifar, "--pretrained", tmp_path / "ravlt_t.pth"], "holds ravlt_t")}
+    for name, (argv, words) in cases.items():
         with pytest.raises(SystemExit) as exit_info:
             run_train(tmp_path / "runs" / "out", *argv)
-        assert exit_info.value.code == 2 and len(visible_lines(capsys.readouterr().err)) == 1, name
+        (line,) = visible_lines(capsys.readouterr().err)
+        assert exit_info.value.code == 2 and words in line, (name, line)
         assert os.listdir(tmp_path) == ["ravlt_t.pth"], name  # no runs/out, no new/data
 
 
@@ -1292,7 +1314,7 @@ def test_train_pretrained_fine_tunes_into_another_class_count(tmp_path, hub_cach
 def test_train_pretrained_bad_input(tmp_path, capsys):
     torch.save({"model": {}}, tmp_path / "ck.pth")
     cases = [(["--pretrained", "--resume", tmp_path / "ck.pth"], "give one"),
-             (["--pretrained"], "ravlt_nano has no released weights"),
+             (["--pretrained"], "'ravlt_nano' has no released weights; released: ravlt_t"),
              (["--pretrained", tmp_path / "none.pth"], "no such file")]
     for argv, expected in cases:
         with pytest.raises(SystemExit) as exit_info:

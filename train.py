@@ -73,8 +73,7 @@ below_one = ranged(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 def aa_policy(text):
     if text in ("none", "trivialaugment") or re.fullmatch(r"rand-m(\d|10)-n\d+", text):
         return text
-    raise argparse.ArgumentTypeError(f"unknown policy {text!r}; use rand-mM-nN with M in 0-10 (e.g. "
-                                     "rand-m9-n2), trivialaugment or none")
+    raise argparse.ArgumentTypeError(f"unknown policy {text!r}; use rand-mM-nN (M in 0-10), trivialaugment or none")
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Train or evaluate RAVLT. A default marked 'cifar' applies to --dataset "
@@ -159,10 +158,7 @@ def check_flags(args, ckpt, world):
         fail("--eval-only needs --resume PATH, the checkpoint to evaluate")
     if args.pretrained is not None and args.resume:
         fail("--pretrained starts a new run from given weights, --resume continues a run: give one")
-    try:  # ravlt owns the test that a checkpoint holds weights
-        ckpt is None or ravlt._state_dict(ckpt, f"checkpoint {args.resume}", use_ema=False)
-    except ValueError as e:
-        fail(f"--resume: {e}")
+    ckpt is None or check_fits(args, "--resume", args.resume, ckpt)
     if args.eval_only:
         return
     if ckpt is not None and (lost := [k for k in TRAIN_STATE if k not in ckpt]):
@@ -185,37 +181,42 @@ def check_flags(args, ckpt, world):
     held = os.path.join(args.output_dir, "checkpoint.pth")
     if os.path.isfile(held) and not (args.resume and os.path.samefile(held, args.resume)):
         old = read_checkpoint("--output-dir", held)
-        fail(f"--output-dir {args.output_dir} holds a run of {old.get('model_config', {}).get('name')} at "
-             f"epoch {old.get('epoch')}: continue it with --resume {held}, or give another --output-dir")
+        ours = isinstance(old, dict) and isinstance(old.get("model_config"), dict) and "epoch" in old
+        fail(f"--output-dir {args.output_dir} holds " + (f"a run of {old['model_config'].get('name')} at epoch "
+             f"{old['epoch']}: continue it with --resume {held}" if ours else "a checkpoint.pth that train.py "
+             "did not write: move it") + ", or give another --output-dir")
 
 def read_pretrained(args, rank, world):
     """--pretrained's (path, checkpoint): PATH, or --model's released file, downloaded by process 0 first."""
     path = args.pretrained
     if path is True:
-        if args.model not in ravlt.PRETRAINED:
-            fail(f"--pretrained: {args.model} has no released weights ({', '.join(ravlt.PRETRAINED)} have); "
-                 "give a PATH")
         if rank > 0:
             dist.barrier()
-        try:
+        try:  # ravlt names the models with released weights, and where a file goes when offline
             path = ravlt.download_checkpoint(args.model)
-        except RuntimeError as e:  # offline, ...: it says where to put the file by hand
-            fail(f"--pretrained: {str(e).splitlines()[0]}")
+        except (ValueError, RuntimeError) as e:
+            fail(f"--pretrained: {str(e).splitlines()[0]}; or give a PATH")
         if rank == 0 and world > 1:
             dist.barrier()
-    return path, read_checkpoint("--pretrained", path)
+    return path, check_fits(args, "--pretrained", path, read_checkpoint("--pretrained", path))
 
-def load_weights(model, flag, path, ckpt, use_ema=False):
+def load_weights(model, flag, path, ckpt, use_ema=False, new_head=None):
     """--pretrained's weights, with a new classifier for another class count; --resume's, which must fit."""
     try:
-        ravlt.load_checkpoint(model, ckpt, use_ema=use_ema, new_head=flag == "--pretrained")
+        ravlt.load_checkpoint(model, ckpt, use_ema, flag == "--pretrained" if new_head is None else new_head)
     except ValueError as e:
         fail(f"{flag} {path}: {str(e).splitlines()[0]}")
 
+def check_fits(args, flag, path, ckpt):
+    """`ckpt`, once ravlt has checked (before any work, on a model without memory) that it fits --model."""
+    with torch.device("meta"), warnings.catch_warnings():  # the classifier aside: its class count may differ
+        warnings.simplefilter("ignore")  # loading into a model without memory is a no-op, which torch warns of
+        load_weights(ravlt.create_model(args.model, in_chans=args.in_chans), flag, path, ckpt, new_head=True)
+    return ckpt
+
 # ---- Data ----------------------------------------------------------------------------------------
 class RepeatAugSampler(DistributedSampler):
-    """Repeated augmentation (DeiT's RASampler): each image RA_REPEATS times per epoch, the copies on
-    consecutive processes (other augmentations of it); an epoch covers ~1/RA_REPEATS of the images."""
+    """DeiT's repeated augmentation: RA_REPEATS copies of each image per epoch, on consecutive processes."""
     def __init__(self, num_images, num_replicas, rank, seed=0):
         super().__init__(range(num_images), num_replicas, rank, seed=seed)  # ceil(n / replicas) each
 
@@ -225,8 +226,7 @@ class RepeatAugSampler(DistributedSampler):
         return iter(order[self.rank::self.num_replicas][:self.num_samples].tolist())
 
 class UnreadableImage(Exception):
-    """An image file that cannot be decoded. Raised in a DataLoader worker, it reaches the main process
-    as this type again, its text the worker's traceback: the message is that text's last line."""
+    """An undecodable image. Out of a DataLoader worker its text is the worker's traceback: str() is the last line."""
     def __str__(self):
         return super().__str__().strip().splitlines()[-1].split("UnreadableImage: ")[-1]
 
