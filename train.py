@@ -190,7 +190,7 @@ def read_pretrained(args, rank, world):
     """--pretrained's (path, checkpoint): PATH, or --model's released file, downloaded by process 0 first."""
     path = args.pretrained
     if path is True:
-        if rank > 0:
+        if rank > 0 and args.model in ravlt.PRETRAINED:  # else every process gets ravlt's error at once
             dist.barrier()
         try:  # ravlt names the models with released weights, and where a file goes when offline
             path = ravlt.download_checkpoint(args.model)
@@ -200,10 +200,10 @@ def read_pretrained(args, rank, world):
             dist.barrier()
     return path, check_fits(args, "--pretrained", path, read_checkpoint("--pretrained", path))
 
-def load_weights(model, flag, path, ckpt, use_ema=False, new_head=None):
-    """--pretrained's weights, with a new classifier for another class count; --resume's, which must fit."""
+def load_weights(model, flag, path, ckpt, use_ema=False, new_head=False):
+    """Weights into `model`: with new_head (--pretrained) a new classifier for another class count, else they must fit."""
     try:
-        ravlt.load_checkpoint(model, ckpt, use_ema, flag == "--pretrained" if new_head is None else new_head)
+        ravlt.load_checkpoint(model, ckpt, use_ema=use_ema, new_head=new_head)
     except ValueError as e:
         fail(f"{flag} {path}: {str(e).splitlines()[0]}")
 
@@ -524,7 +524,7 @@ def run(args):
         return evaluate_checkpoint(model, ckpt, val_loader, device, amp_dtype, args, log)
     sets["train"].transform = train_tf
     if pretrained is not None:  # fine-tuning: a new head when the class count differs
-        load_weights(model, "--pretrained", *pretrained)
+        load_weights(model, "--pretrained", *pretrained, new_head=True)
         log(f"weights from {pretrained[0]}")
     optimizer, schedule = build_optimizer(model, args, len(train_loader), world, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
